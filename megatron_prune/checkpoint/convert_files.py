@@ -1,0 +1,106 @@
+"""File-level drivers for HF <-> Megatron conversion: validation, streaming one rank at a time, atomic output,
+progress bars. The tensor logic lives in checkpoint.convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_prune.checkpoint import megatron_io as mio
+from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_hf_stage
+from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
+from megatron_prune.checkpoint.keys import OUTPUT, hf_expected_keys, is_ignored_hf_key
+from megatron_prune.config.shape import canonical_dtype
+
+TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_hf_keys(reader: HFReader) -> None:
+    shape = reader.shape
+    expected = hf_expected_keys(shape.num_layers, shape.tie_word_embeddings)
+    missing = [k for k in expected if k not in reader]
+    if missing:
+        raise CheckpointError(f"{reader.dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    allowed = set(expected) | ({OUTPUT.hf[0]} if shape.tie_word_embeddings else set())
+    extra = [k for k in reader.keys() if k not in allowed and not is_ignored_hf_key(k)]
+    if extra:
+        raise CheckpointError(f"{reader.dir}: unexpected tensors for a LLaMA model, e.g. {extra[:3]}")
+    for key in expected:
+        if reader[key].dtype not in TORCH_DTYPE.values():
+            raise CheckpointError(f"{reader.dir}: tensor {key!r} has unsupported dtype {reader[key].dtype}")
+
+
+def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
+                   divisible_by: int = 128, te_names: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> mio.CheckpointMeta:
+    """Convert an HF LLaMA directory to Megatron shards at (tp, pp), one output rank at a time."""
+    check_output_dir(save, overwrite)
+    with HFReader(hf_dir) as reader:
+        src_dtype = reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32"
+        shape = reader.shape.replace(dtype=canonical_dtype(dtype or src_dtype))
+        padded = shape.padded_vocab(divisible_by, tp)
+        shape.check_parallel(tp, pp, padded)
+        _check_hf_keys(reader)
+        meta = mio.CheckpointMeta(shape=shape, tp=tp, pp=pp, padded_vocab_size=padded,
+                                  make_vocab_size_divisible_by=divisible_by, te_names=te_names,
+                                  hf_config=reader.config)
+        meta = meta.with_history("convert", source=str(Path(hf_dir).resolve()), tp=tp, pp=pp, dtype=shape.dtype)
+        args = mio.megatron_args(meta)
+        with atomic_dir(save, overwrite) as tmp:
+            for pp_rank in range(pp):
+                for tp_rank in range(tp):
+                    _write_converted_rank(reader, meta, args, tmp, tp_rank, pp_rank, progress)
+            copy_tokenizer_files(Path(hf_dir), tmp)
+            mio.write_meta(tmp, meta)
+            mio.write_tracker(tmp, "release")
+    return meta
+
+
+def _write_converted_rank(reader: HFReader, meta: mio.CheckpointMeta, args, out: Path, tp_rank: int,
+                          pp_rank: int, progress: bool) -> None:
+    shape = meta.shape
+    n_layers = shape.num_layers // meta.pp
+    total = 6 * n_layers + (pp_rank == 0) + 2 * (pp_rank == meta.pp - 1)
+    desc = f"rank tp{tp_rank}" + (f" pp{pp_rank}" if meta.pp > 1 else "")
+    with tqdm(total=total, desc=desc, unit="tensor", disable=not progress, leave=False) as bar:
+        sd = hf_to_megatron_rank(lambda k: reader[k], shape, meta.tp, meta.pp, tp_rank, pp_rank,
+                                 meta.padded_vocab_size, TORCH_DTYPE[shape.dtype], meta.te_names,
+                                 on_tensor=lambda _: bar.update())
+        mio.save_rank(out, "release", tp_rank, pp_rank, meta.pp, mio.rank_state(sd, args, 0))
+
+
+def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
+    for pp_rank in range(meta.pp):
+        for tp_rank in range(meta.tp):
+            path = mio.rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
+                                      f"tp={meta.tp}, pp={meta.pp})")
+
+
+def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False,
+                   progress: bool = True, max_shard_bytes: int = 5 * 2**30) -> mio.CheckpointMeta:
+    """Merge Megatron shards (any TP/PP, even or uneven) into an HF LLaMA directory."""
+    load = Path(load)
+    check_output_dir(save, overwrite)
+    meta = mio.read_meta(load)
+    iteration = mio.read_tracker(load)
+    check_rank_files(load, meta, iteration)
+    shape = meta.shape.replace(dtype=canonical_dtype(dtype or meta.shape.dtype))
+    config = shape.to_hf_config(meta.hf_config)
+    config["vocab_size"] = shape.vocab_size
+
+    def tensors():
+        for pp_rank in tqdm(range(meta.pp), desc="stages", disable=not progress or meta.pp == 1, leave=False):
+            sds = [mio.load_rank(load, tp_rank, pp_rank, meta, iteration)["model"]
+                   for tp_rank in tqdm(range(meta.tp), desc=f"read stage {pp_rank}", disable=not progress,
+                                       leave=False)]
+            yield from megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, TORCH_DTYPE[shape.dtype])
+
+    with atomic_dir(save, overwrite) as tmp:
+        write_hf_checkpoint(tmp, config, tensors(), max_shard_bytes)
+        copy_tokenizer_files(load, tmp)
+    return meta

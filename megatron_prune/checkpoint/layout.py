@@ -1,0 +1,140 @@
+"""How a full (HF-order) tensor maps to tensor-parallel rank r of tp, per layout kind, with inverses.
+
+This is the only module that knows the Megatron TP layouts:
+- replicated: norms; every rank holds the whole tensor.
+- column:     split dim 0 (rows)                 merge: cat dim 0
+- row:        split dim 1 (columns)              merge: cat dim 1  (linear_proj, linear_fc2)
+- vocab:      pad dim 0 to `padded`, then column (embedding, output layer)
+- qkv:        per query group [q heads of the group; k; v], groups split over ranks
+- fc1:        per rank [gate_r; up_r]
+
+Split functions take "sliceable" inputs (a torch.Tensor or checkpoint.hf_io.LazyTensor: `.shape` and basic
+slicing) so the converter reads only the rows a rank needs. Merge functions accept uneven shards (as left by
+global-mode pruning): sizes are read from the shards themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class Sliceable(Protocol):
+    shape: Sequence[int]
+
+    def __getitem__(self, idx) -> torch.Tensor: ...
+
+
+def _even(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what} {n} not divisible by TP {tp}")
+    return n // tp
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A compact copy: torch.save of a view would write the whole underlying storage."""
+    return t.clone() if t._base is not None or not t.is_contiguous() else t
+
+
+# ----------------------------------------------------------------------------- column / row / replicated
+def split_column(full: Sliceable, tp: int, rank: int) -> torch.Tensor:
+    n = _even(full.shape[0], tp, "rows")
+    return _own(full[rank * n:(rank + 1) * n])
+
+
+def merge_column(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(shards), dim=0)
+
+
+def split_row(full: Sliceable, tp: int, rank: int) -> torch.Tensor:
+    n = _even(full.shape[1], tp, "columns")
+    return _own(full[:, rank * n:(rank + 1) * n])
+
+
+def merge_row(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(shards), dim=1)
+
+
+def split_replicated(full: Sliceable, tp: int, rank: int) -> torch.Tensor:
+    return _own(full[:])
+
+
+def merge_replicated(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    first = shards[0]
+    for i, s in enumerate(shards[1:], start=1):
+        if s.shape != first.shape or not torch.equal(s, first):
+            raise ValueError(f"replicated tensor differs between TP rank 0 and rank {i}")
+    return first
+
+
+# ----------------------------------------------------------------------------- vocab (padded)
+def split_vocab(full: Sliceable, tp: int, rank: int, padded: int) -> torch.Tensor:
+    """Rows [r*P/tp, (r+1)*P/tp) of the zero-padded [P, hidden] table; P = padded vocab size."""
+    true_vocab = full.shape[0]
+    if padded < true_vocab:
+        raise ValueError(f"padded vocab {padded} smaller than true vocab {true_vocab}")
+    n = _even(padded, tp, "padded vocab")
+    lo, hi = rank * n, (rank + 1) * n
+    real = full[lo:min(hi, true_vocab)] if lo < true_vocab else None
+    out = torch.zeros((n, *full.shape[1:]), dtype=_dtype_of(full, real))
+    if real is not None:
+        out[: real.shape[0]] = real
+    return out
+
+
+def merge_vocab(shards: Sequence[torch.Tensor], true_vocab: int) -> torch.Tensor:
+    """Inverse of split_vocab: concatenate and drop the padding rows."""
+    full = torch.cat(list(shards), dim=0)
+    if full.shape[0] < true_vocab:
+        raise ValueError(f"vocab shards hold {full.shape[0]} rows, fewer than the true vocab {true_vocab}")
+    return full[:true_vocab].clone()
+
+
+def _dtype_of(full: Sliceable, sample: torch.Tensor | None) -> torch.dtype:
+    if sample is not None:
+        return sample.dtype
+    return getattr(full, "dtype", torch.float32)
+
+
+# ----------------------------------------------------------------------------- qkv per query group
+def split_qkv(q: Sliceable, k: Sliceable, v: Sliceable, tp: int, rank: int, num_query_groups: int,
+              kv_channels: int) -> torch.Tensor:
+    """[groups_r * (heads_per_group + 2) * kv_channels, hidden]: for each local group its q heads, then k, then v."""
+    d, g = kv_channels, num_query_groups
+    gpr = _even(g, tp, "query groups")
+    hpg = q.shape[0] // (g * d)
+    if hpg * g * d != q.shape[0] or k.shape[0] != g * d or v.shape[0] != g * d:
+        raise ValueError(f"q/k/v rows {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not match "
+                         f"groups={g}, kv_channels={d}")
+    g0, g1 = rank * gpr, (rank + 1) * gpr
+    hidden = q.shape[1]
+    qs = q[g0 * hpg * d:g1 * hpg * d].reshape(gpr, hpg * d, hidden)
+    ks = k[g0 * d:g1 * d].reshape(gpr, d, hidden)
+    vs = v[g0 * d:g1 * d].reshape(gpr, d, hidden)
+    return torch.cat([qs, ks, vs], dim=1).reshape(-1, hidden)
+
+
+def merge_qkv(shards: Sequence[torch.Tensor], heads_per_group: int, kv_channels: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of split_qkv over all ranks; shards may hold different numbers of groups."""
+    d, hpg = kv_channels, heads_per_group
+    qs, ks, vs = [], [], []
+    for s in shards:
+        per_group = s.reshape(-1, (hpg + 2) * d, s.shape[-1])
+        q, k, v = per_group.split([hpg * d, d, d], dim=1)
+        qs.append(q.reshape(-1, s.shape[-1]))
+        ks.append(k.reshape(-1, s.shape[-1]))
+        vs.append(v.reshape(-1, s.shape[-1]))
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs)
+
+
+# ----------------------------------------------------------------------------- fc1 [gate_r; up_r]
+def split_fc1(gate: Sliceable, up: Sliceable, tp: int, rank: int) -> torch.Tensor:
+    n = _even(gate.shape[0], tp, "ffn_hidden_size")
+    return torch.cat([gate[rank * n:(rank + 1) * n], up[rank * n:(rank + 1) * n]], dim=0)
+
+
+def merge_fc1(shards: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+    return torch.cat(gates), torch.cat(ups)

@@ -1,0 +1,208 @@
+"""Megatron-LM's legacy `torch` checkpoint layout, plus our `megatron_prune.json` beside it.
+
+    ROOT/latest_checkpointed_iteration.txt         "release" (converted/pruned) or the iteration (training)
+    ROOT/release/mp_rank_TT/model_optim_rng.pt      PP=1   (iter_XXXXXXX/ for training checkpoints)
+    ROOT/release/mp_rank_TT_PPP/model_optim_rng.pt  PP>1
+    ROOT/megatron_prune.json                        shape, parallel sizes, dtype, per-rank sizes, history
+
+Megatron-LM's `read_metadata` accepts iteration 0 only as "release", hence "release" for step-0 checkpoints.
+Each rank file is {"model": state_dict, "args": Namespace, "checkpoint_version": 3.0, "iteration": N}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_prune.checkpoint.atomic import atomic_write_text
+from megatron_prune.checkpoint.hf_io import CheckpointError
+from megatron_prune.config.shape import LlamaShape
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "megatron_prune.json"
+RANK_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    shape: LlamaShape
+    tp: int
+    pp: int
+    padded_vocab_size: int
+    make_vocab_size_divisible_by: int = 128
+    te_names: bool = False
+    hf_config: dict = field(default_factory=dict)
+    history: tuple = ()
+    # Uneven shards (global-mode pruning): per TP rank {"heads": [...], "groups": [...], "ffn": [...]}; else None.
+    rank_sizes: dict | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(format=1, shape=self.shape.to_dict(), dtype=self.shape.dtype, history=list(self.history))
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CheckpointMeta":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["shape"] = LlamaShape.from_dict(d["shape"])
+        kw["history"] = tuple(d.get("history", ()))
+        return cls(**kw)
+
+    def with_history(self, op: str, **details: Any) -> "CheckpointMeta":
+        entry = {"op": op, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
+        return dataclasses.replace(self, history=(*self.history, entry))
+
+    def replace(self, **changes: Any) -> "CheckpointMeta":
+        return dataclasses.replace(self, **changes)
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration in ("release", 0) else f"iter_{int(iteration):07d}"
+
+
+def rank_path(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return Path(root) / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp) / RANK_FILE
+
+
+def megatron_args(meta: CheckpointMeta, seq_length: int | None = None, **extra: Any) -> argparse.Namespace:
+    """The args Megatron-LM reads with --use-checkpoint-args (and that we read back)."""
+    s = meta.shape
+    args = argparse.Namespace(
+        num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
+        num_attention_heads=s.num_attention_heads, group_query_attention=s.num_query_groups != s.num_attention_heads,
+        num_query_groups=s.num_query_groups, kv_channels=s.kv_channels,
+        seq_length=seq_length or min(s.max_position_embeddings, 4096),
+        max_position_embeddings=s.max_position_embeddings, padded_vocab_size=meta.padded_vocab_size,
+        vocab_size=s.vocab_size, make_vocab_size_divisible_by=meta.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=meta.tp, pipeline_model_parallel_size=meta.pp,
+        virtual_pipeline_model_parallel_size=None, normalization="RMSNorm", norm_epsilon=s.norm_eps, swiglu=True,
+        untie_embeddings_and_output_weights=not s.tie_word_embeddings, position_embedding_type="rope",
+        use_rotary_position_embeddings=True, rotary_base=s.rope_theta, rotary_percent=1.0,
+        rotary_interleaved=False, use_rope_scaling=s.rope_scaling is not None,
+        rope_scaling_factor=s.rope_scaling.factor if s.rope_scaling else 8.0,
+        add_bias_linear=False, add_qkv_bias=False, disable_bias_linear=True, hidden_dropout=0.0,
+        attention_dropout=0.0, apply_query_key_layer_scaling=False, bf16=s.dtype == "bfloat16",
+        fp16=s.dtype == "float16", params_dtype=getattr(torch, s.dtype),
+        transformer_impl="transformer_engine" if meta.te_names else "local",
+        consumed_train_samples=0, consumed_valid_samples=0, tokenizer_type="HuggingFaceTokenizer",
+    )
+    for k, v in extra.items():
+        setattr(args, k, v)
+    return args
+
+
+def save_rank(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int, state: dict[str, Any]) -> Path:
+    """Write one rank file atomically (temp sibling + rename)."""
+    path = rank_path(root, iteration, tp_rank, pp_rank, pp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def rank_state(model_sd: dict[str, Any], args: argparse.Namespace, iteration: int) -> dict[str, Any]:
+    return {"model": model_sd, "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+
+
+def write_meta(root: Path, meta: CheckpointMeta) -> None:
+    atomic_write_text(Path(root) / META, json.dumps(meta.to_json(), indent=2, default=str) + "\n")
+
+
+def write_tracker(root: Path, iteration: int | str) -> None:
+    """Written last: a checkpoint is complete only once its tracker exists."""
+    atomic_write_text(Path(root) / TRACKER, "release" if iteration in ("release", 0) else str(int(iteration)))
+
+
+def read_tracker(root: str | Path) -> int | str:
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing tracker file (not a complete Megatron checkpoint?)")
+    text = path.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: invalid content {text!r} (expected 'release' or an iteration)") from None
+
+
+def read_meta(root: str | Path) -> CheckpointMeta:
+    """megatron_prune.json, or (for checkpoints written by Megatron-LM) meta derived from rank 0's args."""
+    root = Path(root)
+    if (root / META).is_file():
+        try:
+            return CheckpointMeta.from_json(json.loads((root / META).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{root / META}: invalid ({e})") from None
+    iteration = read_tracker(root)
+    args = _first_rank_args(root, iteration)
+    return meta_from_args(args)
+
+
+def _first_rank_args(root: Path, iteration: int | str) -> argparse.Namespace:
+    for pp in (1, 2):
+        path = rank_path(root, iteration, 0, 0, pp)
+        if path.is_file():
+            return load_rank_file(path)["args"]
+    raise CheckpointError(f"{root}: no rank files under {iteration_dir_name(iteration)}/")
+
+
+def meta_from_args(a: argparse.Namespace) -> CheckpointMeta:
+    dtype = "bfloat16" if getattr(a, "bf16", False) else "float16" if getattr(a, "fp16", False) else "float32"
+    heads = a.num_attention_heads
+    shape = LlamaShape(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=a.num_query_groups if getattr(a, "group_query_attention", False) else heads,
+        kv_channels=getattr(a, "kv_channels", None) or a.hidden_size // heads,
+        vocab_size=getattr(a, "vocab_size", None) or a.padded_vocab_size,
+        max_position_embeddings=a.max_position_embeddings, rope_theta=float(getattr(a, "rotary_base", 10000)),
+        norm_eps=getattr(a, "norm_epsilon", 1e-5),
+        tie_word_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False), dtype=dtype)
+    return CheckpointMeta(shape=shape, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
+                          padded_vocab_size=a.padded_vocab_size,
+                          make_vocab_size_divisible_by=getattr(a, "make_vocab_size_divisible_by", 128))
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing rank file")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+
+
+def load_rank(root: str | Path, tp_rank: int, pp_rank: int, meta: CheckpointMeta | None = None,
+              iteration: int | str | None = None) -> dict[str, Any]:
+    """One rank's file, checked against the checkpoint's meta (parallel sizes, iteration)."""
+    root = Path(root)
+    meta = meta or read_meta(root)
+    iteration = read_tracker(root) if iteration is None else iteration
+    path = rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
+    state = load_rank_file(path)
+    args = state.get("args")
+    if args is not None and (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) != (meta.tp, meta.pp):
+        raise CheckpointError(f"{path}: written for tp={args.tensor_model_parallel_size}, "
+                              f"pp={args.pipeline_model_parallel_size}, but the checkpoint is tp={meta.tp}, pp={meta.pp}")
+    want = 0 if iteration == "release" else iteration
+    if state.get("iteration", want) != want:
+        raise CheckpointError(f"{path}: iteration {state.get('iteration')} differs from the tracker's {iteration}")
+    return state

@@ -1,0 +1,1 @@
+"""Thin command-line entries: parse, validate, make one call."""

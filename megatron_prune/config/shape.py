@@ -1,0 +1,222 @@
+"""LlamaShape: the frozen, validated shape of a LLaMA-family model, read from and written to HF config.json.
+
+Both rope spellings are read: transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`).
+Written configs use the 4.x spelling, which 5.x also reads, so exported directories load in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+
+
+class ShapeError(ValueError):
+    """A model shape (or shape + parallel layout) that cannot work; the message names every factor."""
+
+
+def canonical_dtype(name: str) -> str:
+    name = str(name).replace("torch.", "")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ShapeError(f"unknown dtype {name!r} (expected one of {', '.join(DTYPES)} or bf16/fp16/fp32)")
+    return name
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1 style (`rope_type: llama3`) frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"rope_type": "llama3", **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ShapeError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ShapeError(
+                f"heads {self.num_attention_heads} not divisible by query groups {self.num_query_groups} "
+                f"(heads={self.num_attention_heads}, groups={self.num_query_groups})")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ShapeError(f"rope_theta and norm_eps must be positive (rope_theta={self.rope_theta}, "
+                             f"norm_eps={self.norm_eps})")
+
+    def check_parallel(self, tp: int, pp: int = 1, padded_vocab_size: int | None = None) -> None:
+        """Raise ShapeError unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
+        if tp < 1 or pp < 1:
+            raise ShapeError(f"parallel sizes must be >= 1 (tp={tp}, pp={pp})")
+        h, g = self.num_attention_heads, self.num_query_groups
+        if h % tp:
+            raise ShapeError(f"heads {h} not divisible by TP {tp} (heads={h}, groups={g}, tp={tp})")
+        if g % tp:
+            raise ShapeError(f"query groups {g} not divisible by TP {tp} (heads={h}, groups={g}, tp={tp})")
+        if self.ffn_hidden_size % tp:
+            raise ShapeError(f"ffn_hidden_size {self.ffn_hidden_size} not divisible by TP {tp} "
+                             f"(ffn={self.ffn_hidden_size}, tp={tp})")
+        if padded_vocab_size is not None and padded_vocab_size % tp:
+            raise ShapeError(f"padded vocab {padded_vocab_size} not divisible by TP {tp} "
+                             f"(vocab={self.vocab_size}, padded={padded_vocab_size}, tp={tp})")
+        if self.num_layers % pp:
+            raise ShapeError(f"layers {self.num_layers} not divisible by PP {pp} (layers={self.num_layers}, pp={pp})")
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    def padded_vocab(self, divisible_by: int, tp: int) -> int:
+        """Megatron-LM's rule: pad the vocabulary to a multiple of divisible_by * tp."""
+        multiple = max(1, divisible_by) * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def num_params(self) -> int:
+        """Parameter count of the unpadded model (tied embeddings counted once)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        attn = h * self.qkv_rows + self.num_attention_heads * d * h
+        layer = attn + 3 * h * f + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+    def replace(self, **changes: Any) -> "LlamaShape":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaShape":
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaShape":
+        return _shape_from_hf(cls, cfg)
+
+    def to_hf_config(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An HF LlamaConfig dict; `base` (the source model's config) keeps fields we do not model (bos/eos ids...)."""
+        cfg = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "torch_dtype")}
+        cfg.update({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "num_hidden_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "head_dim": self.kv_channels,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "dtype": self.dtype,
+        })
+        return cfg
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ShapeError(f"rope scaling type {kind!r} is not supported (supported: llama3, or none)")
+    return theta, RopeScaling(
+        factor=float(scaling.get("factor", 8.0)),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
+
+
+def _shape_from_hf(cls: type[LlamaShape], cfg: dict[str, Any]) -> LlamaShape:
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise ShapeError(f"model_type {model_type!r} is not a LLaMA-family model (expected 'llama')")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ShapeError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (LLaMA uses 'silu')")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ShapeError("attention_bias / mlp_bias are not supported (LLaMA has no linear biases)")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        theta, scaling = _rope_from_hf(cfg)
+        return cls(
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=hidden,
+            ffn_hidden_size=int(cfg["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+            kv_channels=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dtype=canonical_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        )
+    except KeyError as e:
+        raise ShapeError(f"config.json lacks required field {e.args[0]!r}") from None
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ShapeError(f"{path}: missing config.json (not an HF model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShapeError(f"{path}: invalid JSON ({e})") from None

@@ -1,0 +1,94 @@
+"""Forward passes of a (TP/PP) GPTModel through megatron-core's pipeline schedules, and a loss that is exact
+on the true vocabulary: padded vocab columns are masked out of the softmax, so losses equal HF's."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """megatron's convention: True = masked out. Passed explicitly (megatron's default builds it on CUDA)."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+def mask_padded_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Set logits of padded vocab entries (global index >= true_vocab) to the dtype's minimum on this TP rank."""
+    from megatron.core import parallel_state as ps
+
+    v_local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * v_local
+    if start + v_local <= true_vocab:
+        return logits
+    keep = torch.arange(start, start + v_local, device=logits.device) < true_vocab
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp], in fp32."""
+    from megatron.core import tensor_parallel
+
+    logits = mask_padded_vocab(logits.float(), true_vocab)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
+                                                        labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def gather_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V] (all TP ranks) without the padding: for tests and small evals."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :true_vocab]
+
+
+def forward_batches(model, batches: Iterable[torch.Tensor], true_vocab: int, keep_logits: bool = False
+                    ) -> list[dict]:
+    """Run each [b, s+1] token batch (inputs = [:, :-1], labels = [:, 1:]) through the model, forward only.
+
+    Returns, on the last pipeline stage, one dict per batch: loss_sum, tokens (and full logits if asked);
+    an empty list on other stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(batches)
+    if not batches:
+        return []
+    b, s1 = batches[0].shape
+    device = next(model.parameters()).device
+    mask = causal_mask(s1 - 1, device)
+
+    def step(data_iter: Iterator, model_):
+        tokens = next(data_iter).to(device)
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        pos = torch.arange(inputs.shape[1], device=device).unsqueeze(0).expand_as(inputs)
+        out = model_(inputs, pos, mask)
+
+        def loss_func(logits):
+            losses = token_losses(logits, labels, true_vocab)
+            res = {"loss_sum": losses.sum().detach(), "tokens": labels.numel()}
+            if keep_logits:
+                res["logits"] = gather_vocab(logits.detach(), true_vocab)
+            return losses.mean(), res
+
+        return out, loss_func
+
+    with torch.no_grad():
+        return list(get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
+            seq_length=s1 - 1, micro_batch_size=b, forward_only=True))
+
+
+def mean_loss(results: list[dict], dp_group=None, src_last_stage: bool = True) -> tuple[float, int]:
+    """(mean loss, tokens) over all batches of all data-parallel ranks, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    totals = torch.zeros(2, dtype=torch.float64)
+    for r in results:
+        totals += torch.tensor([float(r["loss_sum"]), float(r["tokens"])], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=dp_group or ps.get_data_parallel_group())
+        if src_last_stage and ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
+    loss_sum, tokens = totals.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
