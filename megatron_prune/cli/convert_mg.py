@@ -1,0 +1,25 @@
+"""python -m megatron_prune convert megatron-to-hf --load DIR --save DIR [--dtype ...]"""
+
+from __future__ import annotations
+
+from megatron_prune.cli.common import add_dtype, user_errors
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory (any TP/PP, even or uneven shards)")
+    p.add_argument("--save", required=True, help="output HF directory (must not exist or be empty)")
+    add_dtype(p, "the checkpoint's dtype")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@user_errors
+def run(args) -> int:
+    from megatron_prune.checkpoint.convert_files import megatron_to_hf
+
+    meta = megatron_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
+                          progress=not args.no_progress, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+    print(f"wrote {args.save}: HF LlamaForCausalLM, {meta.shape.num_params():,} parameters, "
+          f"from tp={meta.tp} pp={meta.pp}")
+    return 0

@@ -1,0 +1,63 @@
+"""torchrun --nproc-per-node N -m megatron_prune eval --load CKPT --text-file FILE [--tokenizer DIR] ...
+
+Mean next-token loss and perplexity of a Megatron checkpoint over a text file. N = TP x PP x DP of the
+checkpoint's TP and PP; DP ranks split the windows. Padded vocabulary entries are excluded from the softmax, so
+the number equals HF's on the exported model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_prune.cli.common import user_errors
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory")
+    p.add_argument("--text-file", required=True, help="UTF-8 text to evaluate on")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer directory or SentencePiece .model (default: the checkpoint's own files)")
+    p.add_argument("--seq-length", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
+
+def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_tokens: int | None):
+    from megatron_prune.data.tokenizers import load_tokenizer
+    from megatron_prune.model.evaluate import token_windows
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such text file")
+    tok = load_tokenizer(tokenizer_path)
+    ids = tok.encode(path.read_text(encoding="utf-8"))
+    if getattr(tok, "bos", None) is not None:
+        ids = [tok.bos] + ids
+    return token_windows(ids, seq_length, max_tokens)
+
+
+@user_errors
+def run(args) -> int:
+    from megatron_prune.checkpoint import megatron_io as mio
+    from megatron_prune.model.dist import init_model_parallel, shutdown
+    from megatron_prune.model.evaluate import evaluate_megatron
+    from megatron_prune.model.load import load_model
+
+    meta = mio.read_meta(args.load)
+    windows = read_windows(args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
+    info = init_model_parallel(meta.tp, meta.pp)
+    try:
+        model, meta = load_model(args.load, info, seq_length=args.seq_length)
+        result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size)
+    finally:
+        shutdown()
+    if info.rank == 0:
+        if args.json:
+            print(json.dumps({"load": args.load, **result.to_dict()}))
+        else:
+            print(f"{args.load}: loss {result.loss:.6f}  perplexity {result.perplexity:.4f}  "
+                  f"({result.tokens} tokens, {result.windows} windows of {args.seq_length})")
+    sys.stdout.flush()
+    return 0
