@@ -59,6 +59,15 @@ def _check_safetensors_file(path: Path) -> dict:
     return header
 
 
+def _read_slice(path: Path, key: str, idx) -> torch.Tensor:
+    """Open, slice, close: the file's mmap is unmapped after every read, so pages touched for one tensor do not
+    stay in this process's resident set while the next output rank is built."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice(key)[idx]
+
+
 class HFReader:
     """Lazy access to the tensors of an HF LLaMA directory. Use as a context manager."""
 
@@ -69,7 +78,6 @@ class HFReader:
         self.config = read_hf_config(self.dir)
         self.shape = LlamaShape.from_hf_config(self.config)
         self._tensors: dict[str, LazyTensor] = {}
-        self._handles: list = []
         self._open()
 
     def _open(self) -> None:
@@ -85,17 +93,13 @@ class HFReader:
             self._open_bin(path)
 
     def _open_safetensors(self, path: Path) -> None:
-        from safetensors import safe_open
-
         header = _check_safetensors_file(path)
-        handle = safe_open(str(path), framework="pt")
-        self._handles.append(handle)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
             dtype = SAFETENSORS_DTYPES.get(meta["dtype"], torch.float32)
-            sl = handle.get_slice(key)
-            self._tensors[key] = LazyTensor(lambda idx, sl=sl: sl[idx], key, meta["shape"], dtype, path)
+            self._tensors[key] = LazyTensor(lambda idx, key=key: _read_slice(path, key, idx), key, meta["shape"],
+                                            dtype, path)
 
     def _open_bin(self, path: Path) -> None:
         try:
@@ -117,7 +121,6 @@ class HFReader:
         return self._tensors[key]
 
     def close(self) -> None:
-        self._handles.clear()
         self._tensors.clear()
 
     def __enter__(self) -> "HFReader":
