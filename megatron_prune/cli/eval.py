@@ -15,13 +15,27 @@ from megatron_prune.cli.common import user_errors
 
 def add_arguments(p) -> None:
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
-    p.add_argument("--text-file", required=True, help="UTF-8 text to evaluate on")
+    p.add_argument("--text-file", required=True,
+                   help="UTF-8 text to evaluate on (.txt, or .jsonl whose 'text' fields are joined by blank lines)")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer directory or SentencePiece .model (default: the checkpoint's own files)")
     p.add_argument("--seq-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
+
+def read_text(path: Path) -> str:
+    if path.suffix != ".jsonl":
+        return path.read_text(encoding="utf-8")
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+    return "\n\n".join(texts)
 
 
 def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_tokens: int | None):
@@ -32,7 +46,7 @@ def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_token
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
     tok = load_tokenizer(tokenizer_path)
-    ids = tok.encode(path.read_text(encoding="utf-8"))
+    ids = tok.encode(read_text(path))
     if getattr(tok, "bos", None) is not None:
         ids = [tok.bos] + ids
     return token_windows(ids, seq_length, max_tokens)
