@@ -22,6 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--use-te", action="store_true", help="build Transformer Engine layers (GPU with TE only)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
 
 
@@ -63,7 +64,7 @@ def run(args) -> int:
     windows = read_windows(args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
     info = init_model_parallel(meta.tp, meta.pp)
     try:
-        model, meta = load_model(args.load, info, seq_length=args.seq_length)
+        model, meta = load_model(args.load, info, seq_length=args.seq_length, use_te=args.use_te)
         result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size)
     finally:
         shutdown()

@@ -82,9 +82,10 @@ def mean_loss(results: list[dict], dp_group=None, src_last_stage: bool = True) -
     """(mean loss, tokens) over all batches of all data-parallel ranks, known on every rank."""
     from megatron.core import parallel_state as ps
 
-    totals = torch.zeros(2, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces only CUDA tensors
     for r in results:
-        totals += torch.tensor([float(r["loss_sum"]), float(r["tokens"])], dtype=torch.float64)
+        totals += torch.tensor([float(r["loss_sum"]), float(r["tokens"])], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(totals, group=dp_group or ps.get_data_parallel_group())
         if src_last_stage and ps.get_pipeline_model_parallel_world_size() > 1:
