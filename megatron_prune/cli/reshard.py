@@ -1,0 +1,25 @@
+"""python -m megatron_prune reshard --load DIR --save DIR --tp N [--pp M]"""
+
+from __future__ import annotations
+
+from megatron_prune.cli.common import user_errors
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--load", required=True, help="source Megatron checkpoint (any TP/PP, even or uneven shards)")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@user_errors
+def run(args) -> int:
+    from megatron_prune.checkpoint.reshard_files import reshard
+
+    meta = reshard(args.load, args.save, args.tp, args.pp, overwrite=args.overwrite, progress=not args.no_progress)
+    src = meta.history[-1]
+    print(f"wrote {args.save}: tp={meta.tp} pp={meta.pp} (from tp={src['source_tp']} pp={src['source_pp']}"
+          f"{', uneven' if src['uneven_source'] else ''}), padded vocab {meta.padded_vocab_size}")
+    return 0
