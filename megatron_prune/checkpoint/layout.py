@@ -88,7 +88,7 @@ def merge_vocab(shards: Sequence[torch.Tensor], true_vocab: int) -> torch.Tensor
     full = torch.cat(list(shards), dim=0)
     if full.shape[0] < true_vocab:
         raise ValueError(f"vocab shards hold {full.shape[0]} rows, fewer than the true vocab {true_vocab}")
-    return full[:true_vocab].clone()
+    return full[:true_vocab]  # a contiguous prefix view: no copy needed
 
 
 def _dtype_of(full: Sliceable, sample: torch.Tensor | None) -> torch.dtype:

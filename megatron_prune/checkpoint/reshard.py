@@ -46,3 +46,41 @@ def layer_of(hf_key: str) -> int | None:
     if hf_key.startswith("model.layers."):
         return int(hf_key.split(".")[2])
     return None
+
+
+# ----------------------------------------------------------------------------- direct path (even shards)
+def direct_sources(tp_src: int, tp_dst: int, rank: int) -> tuple[list[int], int, int] | None:
+    """Source ranks that make up target rank `rank` when one TP size divides the other, as
+    (source ranks, k, j): k source shards concatenated (k >= 1), or one source split in `j`-th of `-k` parts."""
+    if tp_src % tp_dst == 0:
+        k = tp_src // tp_dst
+        return list(range(rank * k, (rank + 1) * k)), k, 0
+    if tp_dst % tp_src == 0:
+        k = tp_dst // tp_src
+        return [rank // k], -k, rank % k
+    return None
+
+
+def combine_shards(kind: str, shards: Sequence[torch.Tensor], k: int, j: int) -> torch.Tensor:
+    """Target shard from adjacent even source shards in Megatron layout, without building the full tensor.
+
+    k > 0: concatenate k consecutive source shards; k < 0: take part j of -k of one source shard. Valid because
+    every kind keeps whole query groups / contiguous channel ranges per rank (vocab only when the padding agrees)."""
+    from megatron_prune.checkpoint import layout
+
+    if kind == "replicated":
+        return layout.split_replicated(shards[0], 1, 0)
+    if k > 0:
+        if kind == "row":
+            return torch.cat(list(shards), dim=1)
+        if kind == "fc1":
+            gates, ups = zip(*(s.chunk(2) for s in shards))
+            return torch.cat([*gates, *ups])
+        return torch.cat(list(shards)) if len(shards) > 1 else layout.split_replicated(shards[0], 1, 0)
+    (src,) = shards
+    if kind == "row":
+        return layout.split_row(src, -k, j)
+    if kind == "fc1":
+        gate, up = src.chunk(2)
+        return layout.split_fc1(gate, up, -k, j)
+    return layout.split_column(src, -k, j)  # column, vocab, qkv (groups per source rank divisible by -k)

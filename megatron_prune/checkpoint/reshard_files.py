@@ -19,7 +19,11 @@ from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
 from megatron_prune.checkpoint.convert import hf_to_megatron_rank
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.checkpoint.reshard import layer_of, merge_first_stage, merge_last_stage, merge_layer
+from megatron_prune.checkpoint.convert import split_tensor
+from megatron_prune.checkpoint.keys import (EMBEDDING, FINAL_NORM, OUTPUT, stage_extra_state_keys, stage_layers,
+                                            stage_tensor_maps, to_local_names, to_te_names)
+from megatron_prune.checkpoint.reshard import (combine_shards, direct_sources, layer_of, merge_first_stage,
+                                               merge_last_stage, merge_layer)
 from megatron_prune.config.shape import ShapeError
 
 ROOT_SKIP = {mio.TRACKER, mio.META}
@@ -35,6 +39,7 @@ class SourceCheckpoint:
         check_rank_files(self.root, self.meta, self.iteration)
         self._check_consistent()
         self._cache: tuple[object, dict[str, torch.Tensor]] = (None, {})
+        self._shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def _check_consistent(self) -> None:
         """Every rank file: same iteration and the same model args (catches mixed-up directories)."""
@@ -56,6 +61,18 @@ class SourceCheckpoint:
                 elif sig != ref[0]:
                     raise CheckpointError(f"{path}: model args {sig} differ from {ref[1]}'s {ref[0]}")
                 del state
+
+    def shard(self, pp_rank: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        """One source rank's state dict (mmap, local key names), cached until `release()`."""
+        if (pp_rank, tp_rank) not in self._shards:
+            sd = mio.load_rank(self.root, tp_rank, pp_rank, self.meta, self.iteration)["model"]
+            self._shards[(pp_rank, tp_rank)] = to_local_names(sd)
+        return self._shards[(pp_rank, tp_rank)]
+
+    def release(self) -> None:
+        """Drop cached shards and merged tensors, unmapping their files (bounds the resident set)."""
+        self._shards.clear()
+        self._cache = (None, {})
 
     def _stage_sds(self, pp_rank: int) -> list[dict[str, torch.Tensor]]:
         return [mio.load_rank(self.root, t, pp_rank, self.meta, self.iteration)["model"]
@@ -79,6 +96,45 @@ class SourceCheckpoint:
             self._cache = (None, {})  # drop the previous layer (and its file mappings) before loading the next
             self._cache = (what, self._load(what))
         return self._cache[1][hf_key]
+
+
+def build_rank(src: SourceCheckpoint, dst: mio.CheckpointMeta, tp_rank: int, pp_rank: int) -> dict:
+    """Target rank's state dict: straight from the few source shards it overlaps when one TP size divides the
+    other (even shards), else through full tensors in HF order (any sizes, uneven shards)."""
+    direct = None if src.meta.rank_sizes else direct_sources(src.meta.tp, dst.tp, tp_rank)
+    if direct is None:
+        sd = hf_to_megatron_rank(src.get, dst.shape, dst.tp, dst.pp, tp_rank, pp_rank, dst.padded_vocab_size,
+                                 te_names=dst.te_names)
+        src.release()
+        return sd
+    ranks, k, j = direct
+    shape, sd, group = dst.shape, {}, None
+    for mkey, hf_keys, kind in stage_tensor_maps(shape.num_layers, dst.pp, pp_rank, shape.tie_word_embeddings):
+        src_pp, src_key = _locate(src.meta, dst.pp, pp_rank, mkey, hf_keys)
+        if (src_pp, src_key.split(".")[2] if src_key.startswith("decoder.layers.") else src_key) != group:
+            src.release()  # next layer: unmap the previous one's files
+            group = (src_pp, src_key.split(".")[2] if src_key.startswith("decoder.layers.") else src_key)
+        if kind == "vocab" and dst.padded_vocab_size != src.meta.padded_vocab_size:
+            sd[mkey] = split_tensor(kind, [src.get(hf_keys[0])], dst.tp, tp_rank, shape, dst.padded_vocab_size)
+        else:
+            sd[mkey] = combine_shards(kind, [src.shard(src_pp, r)[src_key] for r in ranks], k, j)
+    src.release()
+    sd.update({key: None for key in stage_extra_state_keys(shape.num_layers, dst.pp, pp_rank)})
+    return to_te_names(sd) if dst.te_names else sd
+
+
+def _locate(src: mio.CheckpointMeta, pp_dst: int, pp_rank: int, mkey: str, hf_keys) -> tuple[int, str]:
+    """(source stage, source key) of a target key: layers are renumbered between stage layouts."""
+    if mkey.startswith("decoder.layers."):
+        local = int(mkey.split(".")[2])
+        layer = stage_layers(src.shape.num_layers, pp_dst, pp_rank)[local]
+        per = src.shape.num_layers // src.pp
+        return layer // per, mkey.replace(f"layers.{local}.", f"layers.{layer % per}.", 1)
+    if mkey == OUTPUT.mcore and hf_keys == EMBEDDING.hf:  # tied: the embedding is the output weight
+        return 0, EMBEDDING.mcore
+    if mkey in (FINAL_NORM.mcore, OUTPUT.mcore):
+        return src.pp - 1, mkey
+    return 0, mkey
 
 
 def target_meta(meta: mio.CheckpointMeta, tp: int, pp: int, iteration) -> mio.CheckpointMeta:
@@ -106,8 +162,7 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
     with atomic_dir(save, overwrite) as tmp:
         ranks = [(t, p) for p in range(pp) for t in range(tp)]
         for tp_rank, pp_rank in tqdm(ranks, desc="reshard", unit="rank", disable=not progress):
-            sd = hf_to_megatron_rank(src.get, shape, tp, pp, tp_rank, pp_rank, dst.padded_vocab_size,
-                                     te_names=dst.te_names)
+            sd = build_rank(src, dst, tp_rank, pp_rank)
             mio.save_rank(tmp, "release", tp_rank, pp_rank, pp, mio.rank_state(sd, args, 0))
             del sd
         _copy_root_files(src.root, tmp)

@@ -117,3 +117,15 @@ def test_target_tp_must_divide_heads_and_groups(converted, tmp_path, capsys, tp,
     rc, err = run_cli(capsys, "--load", str(converted / "tp2pp1"), "--save", str(tmp_path / "out"), "--tp", str(tp))
     assert rc == 2 and msg in err and f"cannot reshard to tp={tp}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_non_dividing_tp_sizes_use_full_tensors(tmp_path):
+    """TP 2 <-> 3 (neither divides the other) goes through full HF-order tensors; still bit-exact."""
+    make_hf_model(tmp_path / "hf", num_attention_heads=12, num_key_value_heads=6, hidden_size=96, vocab_size=1000)
+    for tp in (2, 3):
+        hf_to_megatron(tmp_path / "hf", tmp_path / f"tp{tp}", tp=tp, pp=2, progress=False)
+    reshard(tmp_path / "tp2", tmp_path / "to3", tp=3, pp=2, progress=False)
+    reshard(tmp_path / "tp3", tmp_path / "to2", tp=2, pp=1, progress=False)
+    hf_to_megatron(tmp_path / "hf", tmp_path / "tp2pp1", tp=2, pp=1, progress=False)
+    assert_same_checkpoint(tmp_path / "to3", tmp_path / "tp3")
+    assert_same_checkpoint(tmp_path / "to2", tmp_path / "tp2pp1")
