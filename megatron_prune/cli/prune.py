@@ -1,0 +1,118 @@
+"""torchrun --nproc-per-node TP -m megatron_prune prune --load CKPT --save OUT [target sizes | --plan FILE] ...
+
+Prunes a TP-sharded (PP=1) Megatron LLaMA checkpoint, one process per TP rank, and writes pruned shards plus
+`prune_plan.json` (global indices, re-appliable with --plan here or to an HF model with `prune-hf`).
+Layer ids are 0-based, as in HF's model.layers.N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from megatron_prune.cli.common import USER_ERRORS
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    g = p.add_argument_group("target (omitted sizes are kept)")
+    g.add_argument("--hidden-size-remain", type=int, help="hidden channels to keep")
+    g.add_argument("--num-attention-heads-remain", type=int, help="query heads to keep")
+    g.add_argument("--num-query-groups-remain", type=int,
+                   help="query groups (KV heads) to keep (default: MHA stays MHA; GQA keeps its groups)")
+    g.add_argument("--ffn-hidden-size-remain", type=int, help="FFN channels to keep")
+    g.add_argument("--num-layers-remain", type=int,
+                   help="layers to keep, the others dropped by lowest Block Influence (needs activation importance)")
+    g.add_argument("--drop-layers", default=None, help="layer ids to drop, 0-based, e.g. 7,13,18,24")
+    p.add_argument("--plan", default=None, help="re-apply a saved prune_plan.json instead of making a plan")
+    p.add_argument("--prune-type", choices=["balance", "global"], default=None,
+                   help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
+                        "best over all ranks, uneven shards (reshard before training)")
+    p.add_argument("--importance", choices=["random", "magnitude", "activation"], default="random",
+                   help="how units are scored (default random)")
+    p.add_argument("--seed", type=int, default=1234, help="random plan seed (default 1234)")
+    c = p.add_argument_group("calibration (activation importance)")
+    c.add_argument("--calib-data", default=None,
+                   help="text / jsonl file or indexed dataset prefix (default: the shipped English sample)")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    c.add_argument("--calib-seq-length", type=int, default=256, help="tokens per sequence (default 256)")
+    c.add_argument("--calib-micro-batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    c.add_argument("--tokenizer", default=None, help="tokenizer for text calibration data (default: --load's)")
+    p.add_argument("--check-only", action="store_true",
+                   help="validate everything and print the target shape; no processes, nothing written")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a JSON summary line (rank 0)")
+
+
+def build_config(args):
+    from megatron_prune.prune.run import CalibConfig, PruneConfig
+    from megatron_prune.prune.select import PruneTarget, layer_ids
+
+    sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
+             args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers)
+    if args.plan and any(v is not None for v in sizes):
+        raise ValueError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
+    target = None
+    if not args.plan:
+        target = PruneTarget(hidden_size=args.hidden_size_remain, num_attention_heads=args.num_attention_heads_remain,
+                             num_query_groups=args.num_query_groups_remain,
+                             ffn_hidden_size=args.ffn_hidden_size_remain, num_layers=args.num_layers_remain,
+                             drop_layers=layer_ids(args.drop_layers), mode=args.prune_type or "balance")
+    calib = CalibConfig(data=args.calib_data, samples=args.calib_samples, seq_length=args.calib_seq_length,
+                        micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
+    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance,
+                       seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
+                       overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def _shape_line(s) -> str:
+    return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
+            f"ffn={s.ffn_hidden_size} kv_channels={s.kv_channels} params={s.num_params():,}")
+
+
+def run(args) -> int:
+    """User errors: one `error: ...` line (rank 0 only under torchrun), exit code 2, nothing written."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        return _run(args, rank0)
+    except USER_ERRORS as e:
+        if rank0:
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # (megatron's parallel state is torn down where it was made)
+            dist.destroy_process_group()
+
+
+def _run(args, rank0: bool) -> int:
+    from megatron_prune.prune.run import check, prune_checkpoint
+
+    from megatron_prune.prune.apply_hf import hf_config_warning
+
+    cfg = build_config(args)
+    if args.check_only:
+        prep = check(cfg)
+        print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
+        warning = hf_config_warning(prep.target)
+        if warning:
+            print(warning, file=sys.stderr)
+        return 0
+    result = prune_checkpoint(cfg)
+    if rank0:
+        warning = hf_config_warning(result.meta.shape)
+        if warning:
+            print(warning, file=sys.stderr)
+        gib = max(result.peak_rss) / 2**30
+        print(f"wrote {cfg.save}: {result.plan.summary()}; {result.seconds['total']:.1f} s, "
+              f"peak RSS {gib:.2f} GiB/rank")
+        if args.json:
+            print(json.dumps({"save": cfg.save, "plan_sha256": result.plan.fingerprint(), "seconds": result.seconds,
+                              "peak_rss": result.peak_rss, "target": result.meta.shape.to_dict(),
+                              "rank_sizes": result.meta.rank_sizes}))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,102 @@
+"""Apply a PrunePlan to an HF LLaMA checkpoint, single process: for users with one GPU, and as the second path
+that the Megatron pruner is checked against (same plan -> same tensors after export).
+
+Width pruning is uniform in count over the kept layers, so the output is a plain LlamaForCausalLM directory
+(head_dim is written explicitly: it no longer equals hidden_size / heads once hidden channels are pruned).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
+from megatron_prune.checkpoint.keys import hf_expected_keys
+from megatron_prune.config.shape import LlamaShape, canonical_dtype
+from megatron_prune.prune.apply import take, target_shape
+from megatron_prune.prune.plan import LayerPlan, PrunePlan
+
+Getter = Callable[[str], torch.Tensor]
+TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config_warning(shape: LlamaShape) -> str | None:
+    """transformers >= 5 LlamaConfig rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    (its modelling code would be fine); megatron-core has no such rule. Say so before the user finds out."""
+    if shape.hidden_size % shape.num_attention_heads:
+        return (f"warning: hidden {shape.hidden_size} is not a multiple of heads {shape.num_attention_heads}: "
+                f"transformers >= 5 refuses such a LlamaConfig, so the HF export will not load with from_pretrained "
+                f"there (megatron-core and transformers 4.x are fine); pick a hidden size divisible by the heads")
+    return None
+
+
+def _ix(idx: list[int]) -> torch.Tensor:
+    return torch.as_tensor(idx, dtype=torch.long)
+
+
+def head_rows(lp: LayerPlan, src: LlamaShape) -> torch.Tensor:
+    """Rows of q_proj (= columns of o_proj) of the kept heads, in (group, head) order."""
+    d, hpg = src.kv_channels, src.heads_per_group
+    return _ix([r for g, heads in zip(lp.groups, lp.heads) for h in heads
+                for r in range((g * hpg + h) * d, (g * hpg + h + 1) * d)])
+
+
+def group_rows(lp: LayerPlan, src: LlamaShape) -> torch.Tensor:
+    """Rows of k_proj / v_proj of the kept query groups."""
+    d = src.kv_channels
+    return _ix([r for g in lp.groups for r in range(g * d, (g + 1) * d)])
+
+
+def prune_hf_tensors(get: Getter, plan: PrunePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, pruned tensor) for the whole model; `get(key)` returns the full source tensor."""
+    src = plan.source
+    hidden = _ix(list(plan.hidden))
+    yield "model.embed_tokens.weight", take(get("model.embed_tokens.weight"), cols=hidden)
+    for new, lp in enumerate(plan.layers):
+        a, b = f"model.layers.{lp.source}.", f"model.layers.{new}."
+        heads, groups, ffn = head_rows(lp, src), group_rows(lp, src), _ix(list(lp.ffn))
+        yield b + "input_layernorm.weight", take(get(a + "input_layernorm.weight"), rows=hidden)
+        yield b + "self_attn.q_proj.weight", take(get(a + "self_attn.q_proj.weight"), rows=heads, cols=hidden)
+        yield b + "self_attn.k_proj.weight", take(get(a + "self_attn.k_proj.weight"), rows=groups, cols=hidden)
+        yield b + "self_attn.v_proj.weight", take(get(a + "self_attn.v_proj.weight"), rows=groups, cols=hidden)
+        yield b + "self_attn.o_proj.weight", take(get(a + "self_attn.o_proj.weight"), rows=hidden, cols=heads)
+        yield b + "post_attention_layernorm.weight", take(get(a + "post_attention_layernorm.weight"), rows=hidden)
+        yield b + "mlp.gate_proj.weight", take(get(a + "mlp.gate_proj.weight"), rows=ffn, cols=hidden)
+        yield b + "mlp.up_proj.weight", take(get(a + "mlp.up_proj.weight"), rows=ffn, cols=hidden)
+        yield b + "mlp.down_proj.weight", take(get(a + "mlp.down_proj.weight"), rows=hidden, cols=ffn)
+    yield "model.norm.weight", take(get("model.norm.weight"), rows=hidden)
+    if not src.tie_word_embeddings:
+        yield "lm_head.weight", take(get("lm_head.weight"), cols=hidden)
+
+
+def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str | None = None,
+             overwrite: bool = False, progress: bool = True) -> LlamaShape:
+    """Prune an HF directory by `plan` into `save` (atomic); returns the pruned shape."""
+    check_output_dir(save, overwrite)
+    with HFReader(hf_dir) as reader:
+        plan.check_source(reader.shape, "HF model")
+        missing = [k for k in hf_expected_keys(reader.shape.num_layers, reader.shape.tie_word_embeddings)
+                   if k not in reader]
+        if missing:
+            raise CheckpointError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        src_dtype = canonical_dtype(reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32")
+        shape = target_shape(plan, reader.shape).replace(dtype=canonical_dtype(dtype or src_dtype))
+        config = shape.to_hf_config(reader.config)
+        cast = TORCH_DTYPE[shape.dtype]
+        total = 3 + 9 * shape.num_layers - shape.tie_word_embeddings
+
+        def tensors():
+            with tqdm(total=total, desc="prune-hf", unit="tensor", disable=not progress, leave=False) as bar:
+                for key, t in prune_hf_tensors(lambda k: reader[k][:], plan):
+                    bar.update()
+                    yield key, t.to(cast)
+
+        with atomic_dir(save, overwrite) as tmp:
+            write_hf_checkpoint(tmp, config, tensors())
+            copy_tokenizer_files(Path(hf_dir), tmp)
+            plan.save(tmp / "prune_plan.json")
+    return shape

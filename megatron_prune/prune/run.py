@@ -1,0 +1,332 @@
+"""The distributed pruner: one process per TP rank (torchrun), PP=1.
+
+    check(cfg)             every user error, in one process, before any work (the CLI's --check-only)
+    prune_checkpoint(cfg)  on every rank: load the shard (mmap), make or read the plan, check that every rank
+                           holds the same plan, apply it, write (each rank its file into a temp dir, barrier,
+                           rank 0 writes plan + meta + tracker last and renames)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import mmap
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.checkpoint import megatron_io as mio
+from megatron_prune.checkpoint.atomic import check_output_dir
+from megatron_prune.checkpoint.convert_files import check_rank_files
+from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
+from megatron_prune.config.shape import LlamaShape
+from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
+from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
+from megatron_prune.prune.select import PruneTarget
+
+PLAN_FILE = "prune_plan.json"
+SAMPLE_TEXT = Path(__file__).resolve().parent.parent / "data" / "samples" / "train.jsonl"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    data: str | None = None        # text / jsonl file, or an indexed dataset prefix; None: the shipped sample
+    samples: int = 64
+    seq_length: int = 256
+    micro_batch_size: int = 4
+    tokenizer: str | None = None   # for text; default: the checkpoint's own tokenizer files
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_length", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    load: str
+    save: str
+    target: PruneTarget | None = None   # what to keep (made into a plan), or
+    plan: str | None = None             # a saved plan to re-apply
+    importance: str = "random"
+    seed: int = 1234
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    mode: str | None = None             # with `plan`: override the plan's mode (global accepts uneven shards)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (self.plan is None):
+            raise ValueError("give either target sizes or --plan FILE (not both)")
+        if self.importance not in METHODS[:3]:
+            raise ValueError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    meta: mio.CheckpointMeta
+    iteration: int | str
+    target: LlamaShape
+    plan: PrunePlan | None
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    plan: PrunePlan
+    meta: mio.CheckpointMeta
+    seconds: dict
+    peak_rss: list[int]   # bytes, per TP rank
+
+
+def check(cfg: PruneConfig) -> Prepared:
+    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
+    load = Path(cfg.load)
+    meta = mio.read_meta(load)
+    iteration = mio.read_tracker(load)
+    check_rank_files(load, meta, iteration)
+    if meta.pp != 1:
+        raise CheckpointError(f"{load}: pp={meta.pp}; the pruner needs PP=1: reshard to PP=1 first "
+                              f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
+    if meta.rank_sizes:
+        raise CheckpointError(f"{load}: shards are uneven (global-mode pruning); reshard it before pruning again")
+    if Path(cfg.save).resolve() == load.resolve():
+        raise ValueError(f"--save {cfg.save} is the input checkpoint; write the pruned one elsewhere")
+    check_output_dir(cfg.save, cfg.overwrite)
+    plan = None
+    if cfg.plan:
+        plan = PrunePlan.load(cfg.plan)
+        plan.check_source(meta.shape)
+        plan.check_tp(meta.tp, cfg.mode)
+        target = target_shape(plan, meta.shape)
+    else:
+        target = cfg.target.resolve(meta.shape, meta.tp)
+        if target.num_layers < meta.shape.num_layers and not cfg.target.drop_layers \
+                and cfg.importance == "magnitude":
+            raise PlanError("choosing layers to drop needs Block Influence (--importance activation) or "
+                            "--drop-layers; magnitude importance has no layer scores")
+        if cfg.importance == "activation":
+            _calib_source(cfg)
+    return Prepared(meta=meta, iteration=iteration, target=target, plan=plan)
+
+
+# ----------------------------------------------------------------------------- calibration data
+def _calib_source(cfg: PruneConfig) -> tuple[str, Path]:
+    """('indexed', prefix) or ('text', file)."""
+    data = cfg.calib.data or str(SAMPLE_TEXT)
+    prefix = data[:-4] if data.endswith((".bin", ".idx")) else data
+    if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
+        return "indexed", Path(prefix)
+    if Path(data).is_file():
+        return "text", Path(data)
+    raise FileNotFoundError(f"--calib-data {data}: neither a text/jsonl file nor an indexed dataset prefix "
+                            f"(PREFIX.bin + PREFIX.idx)")
+
+
+def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict]:
+    """[samples, seq_length + 1] token windows (the same on every rank) and their fingerprint."""
+    from megatron_prune.model.evaluate import token_windows
+
+    c = cfg.calib
+    kind, path = _calib_source(cfg)
+    want = c.samples * c.seq_length
+    if kind == "indexed":
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        ds, ids = IndexedDataset(str(path)), []
+        for i in range(len(ds)):
+            ids += ds[i].tolist()
+            if len(ids) > want:
+                break
+        windows = token_windows(ids, c.seq_length, want)
+    else:
+        from megatron_prune.cli.eval import read_windows
+
+        windows = read_windows(str(path), c.tokenizer or cfg.load, c.seq_length, want)
+    windows = windows[: c.samples]
+    if int(windows.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
+                         f"dataset does not belong to this model")
+    digest = hashlib.sha256(windows.numpy().astype("int64").tobytes()).hexdigest()
+    return windows, {"source": str(path), "kind": kind, "samples": len(windows), "seq_length": c.seq_length,
+                     "tokens": int(windows[:, 1:].numel()), "sha256": digest}
+
+
+# ----------------------------------------------------------------------------- making the plan
+def make_plan(cfg: PruneConfig, prep: Prepared, sd: dict) -> PrunePlan:
+    from megatron_prune.prune.select import make_plan as select
+
+    meta, spec = prep.meta, cfg.target
+    if cfg.importance == "random":
+        from megatron_prune.prune.random_plan import random_plan
+
+        return random_plan(meta.shape, spec, cfg.seed, meta.tp)
+    if cfg.importance == "magnitude":
+        from megatron_prune.prune.importance import magnitude_scores
+
+        scores = magnitude_scores(sd, meta.shape)
+        return select(scores, meta.shape, spec, meta.tp, "magnitude", seed=cfg.seed)
+    tokens, fingerprint = calibration_tokens(cfg, meta.shape.vocab_size)
+    scores = activation_scores(cfg, meta, tokens)
+    return select(scores, meta.shape, spec, meta.tp, "activation", seed=cfg.seed, calibration=fingerprint)
+
+
+def activation_scores(cfg: PruneConfig, meta: mio.CheckpointMeta, tokens: torch.Tensor):
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from megatron_prune.model.dist import init_model_parallel
+    from megatron_prune.model.forward import forward_batches
+    from megatron_prune.model.load import load_model
+    from megatron_prune.prune.importance import ActivationScorer
+
+    info = init_model_parallel(meta.tp, 1, seed=cfg.seed)
+    model, _ = load_model(cfg.load, info, seq_length=cfg.calib.seq_length)
+    model.eval()
+    mbs = cfg.calib.micro_batch_size
+    batches = [tokens[i:i + mbs] for i in range(0, len(tokens), mbs)]
+    with ActivationScorer(model, meta.shape) as scorer:
+        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not cfg.progress or info.rank != 0,
+                          leave=False):
+            forward_batches(model, [batch], meta.shape.vocab_size)
+    scores = scorer.scores(ps.get_tensor_model_parallel_group())
+    del model
+    ps.destroy_model_parallel()
+    return scores
+
+
+def check_same_plan(plan: PrunePlan) -> None:
+    """Every rank must apply the same plan (scores could in principle diverge); compare fingerprints."""
+    mine = plan.fingerprint()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) != 1:
+        raise RuntimeError(f"ranks made different plans: {everyone}")
+
+
+# ----------------------------------------------------------------------------- the whole run, on every rank
+def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
+    from megatron_prune.model.dist import init_process_group
+
+    prep = check(cfg)
+    meta = prep.meta
+    init_process_group()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != meta.tp:
+        raise ValueError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
+                         f"(torchrun --nproc-per-node {meta.tp})")
+    times = {}
+    t0 = time.perf_counter()
+    state = mio.load_rank(cfg.load, rank, 0, meta, prep.iteration)
+    plan = prep.plan or make_plan(cfg, prep, state["model"])
+    if prep.plan and cfg.mode:
+        plan = plan.replace(mode=cfg.mode)
+    check_same_plan(plan)
+    times["plan"] = time.perf_counter() - t0
+    dropper = PageDropper(mio.rank_path(Path(cfg.load), prep.iteration, rank, 0, 1))
+    sd = apply_rank(state["model"], plan, meta.tp, rank, meta.te_names, release=dropper)
+    del state
+    new_meta = pruned_meta(meta, plan, source=str(Path(cfg.load).resolve()), tp=meta.tp)
+    times["apply"] = time.perf_counter() - t0 - times["plan"]
+    args = mio.megatron_args(new_meta)
+    write_distributed(cfg, rank, lambda tmp: mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0)),
+                      lambda tmp: _finalize(tmp, cfg, new_meta, plan))
+    times["total"] = time.perf_counter() - t0
+    rss = [None] * world
+    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return PruneResult(plan=plan, meta=new_meta, seconds=times, peak_rss=rss)
+
+
+def _finalize(tmp: Path, cfg: PruneConfig, meta: mio.CheckpointMeta, plan: PrunePlan) -> None:
+    copy_tokenizer_files(Path(cfg.load), tmp)
+    plan.save(tmp / PLAN_FILE)
+    mio.write_meta(tmp, meta)
+    mio.write_tracker(tmp, "release")
+
+
+def _attempt(fn, *args) -> str | None:
+    try:
+        fn(*args)
+        return None
+    except Exception as e:  # reported to every rank, then raised everywhere
+        return f"{type(e).__name__}: {e}"
+
+
+def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None:
+    """Atomic multi-process write: temp dir (rank 0) -> every rank's file -> all ok? -> rank 0 finalizes and
+    renames. Any failure on any rank removes the temp dir and raises on every rank; nothing is left at --save."""
+    save = Path(cfg.save).resolve()
+    tmp = save.parent / f".{save.name}.tmp-{os.getpid()}"
+
+    def make_tmp() -> None:
+        check_output_dir(save, cfg.overwrite)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    box = [(str(tmp), _attempt(make_tmp)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tmp, error = Path(box[0][0]), box[0][1]
+    if error:
+        raise CheckpointError(f"cannot create the output directory: {error}")
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, _attempt(write_rank, tmp))
+    status = [next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)]
+    if rank == 0:
+        status[0] = status[0] or _attempt(_commit, tmp, save, finalize)
+        if status[0]:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.broadcast_object_list(status, src=0)
+    if status[0]:
+        raise CheckpointError(f"writing {save} failed ({status[0]})")
+
+
+def _commit(tmp: Path, save: Path, finalize) -> None:
+    """Rank 0: meta, plan and tracker into the temp dir, then swap it into place (as atomic.atomic_dir does)."""
+    finalize(tmp)
+    old = None
+    if save.exists():
+        old = save.parent / f".{save.name}.old-{os.getpid()}"
+        save.rename(old)
+    tmp.rename(save)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class PageDropper:
+    """release(tensor) for apply_rank: once a source tensor mmap'd from `path` has been read, drop its resident
+    pages (madvise MADV_DONTNEED), so a rank's peak memory is its output plus one input tensor, not the whole
+    input shard. Only ranges inside a file-backed private mapping of `path` are touched: there the kernel
+    re-reads the file if the pages are used again, so data never changes. A no-op where /proc is unavailable."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, path: Path):
+        self.ranges: list[tuple[int, int]] = []
+        real = os.path.realpath(path)
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].strip() == real:
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((lo, hi))
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    def __call__(self, t: torch.Tensor | None) -> None:
+        if t is None or not self.ranges or t.device.type != "cpu":
+            return
+        storage = t.untyped_storage()
+        lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        if not any(a <= lo and hi <= b for a, b in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        start, end = -(-lo // page) * page, hi // page * page
+        if end > start:
+            self._madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), self.MADV_DONTNEED)
