@@ -1,7 +1,10 @@
 """python -m megatron_prune.demo [--quick] [--out DIR]: README's main job, end to end on CPU.
 
-Stages: get SmolLM2-135M offline -> convert to TP shards -> held-out perplexity in megatron-core (torchrun) beside
-HF transformers -> export back to HF and check every tensor is bit-identical. Each stage is the CLI a user runs.
+Stages: get SmolLM2-135M offline -> convert to TP=3 shards -> held-out perplexity in megatron-core (torchrun) beside
+HF transformers -> export back to HF (bit-identical) -> prune about half the parameters under torchrun (activation
+importance, balance mode) -> reshard to TP=1 -> recovery training with distillation from the unpruned teacher on
+the shipped text -> export to HF -> perplexity before pruning, after pruning, after recovery. Each stage is the CLI
+a user runs; held-out text is never used for calibration or training.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import StageError, StageLog, last_json, run_cli, timed
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -19,7 +23,9 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_prune.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer evaluation tokens (a few minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer evaluation tokens, calibration samples and training steps (a few minutes on 2 cores)")
+    p.add_argument("--convert-only", action="store_true", help="stop after the conversion round trip")
     p.add_argument("--out", default="demo_out", help="working directory (default: demo_out)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "megatron_prune"),
                    help="where the downloaded model is kept between runs")
@@ -91,24 +97,68 @@ def main(argv=None) -> int:
             log=logfile))
         same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
                             note=lambda r: f"{r[0]}/{r[1]} bit-identical")
+        recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, args.quick)
     except StageError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
-    report(log, mg_eval, hf_res, same, total, out)
-    return 0 if same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4 else 1
+    report(log, mg_eval, hf_res, same, total, out, recovery)
+    ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
+    return 0 if ok and (recovery is None or recovery["recovered"]["loss"] < recovery["pruned"]["loss"]) else 1
 
 
-def report(log: StageLog, mg_eval: dict, hf_res: dict, same: int, total: int, out: Path) -> None:
+def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tokens: int, quick: bool) -> dict:
+    plan = stages.DemoPlan.quick() if quick else stages.DemoPlan()
+    logfile, heldout, train_text = out / "demo.log", SAMPLES / "heldout.jsonl", SAMPLES / "train.jsonl"
+    data = timed(log, "tokenize training text", lambda: stages.preprocess(train_text, hf_dir, out / "data" / "train",
+                                                                         logfile))
+    pruned = out / "pruned-tp3"
+    info = timed(log, f"prune (activation, balance, torchrun x{plan.tp})",
+                 lambda: stages.prune(teacher, pruned, plan, train_text, logfile) | stages.param_counts(teacher, pruned),
+                 note=lambda r: f"{r['params_before']:,} -> {r['params_after']:,} params")
+    after_prune = timed(log, "eval pruned", lambda: stages.evaluate(pruned, heldout, tokens, plan.tp, logfile),
+                        note=lambda r: f"ppl {r['perplexity']:.2f}")
+    timed(log, "reshard pruned TP=3 -> TP=1", lambda: stages.reshard(pruned, out / "pruned-tp1", 1, logfile))
+    timed(log, "reshard teacher TP=3 -> TP=1", lambda: stages.reshard(teacher, out / "teacher-tp1", 1, logfile))
+    trained = out / "recovered"
+    timed(log, f"recovery training, KD ({plan.train_iters} iters, torchrun x2)",
+          lambda: stages.train(out / "pruned-tp1", out / "teacher-tp1", data, hf_dir, trained, plan, logfile))
+    recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 2, logfile, hf_dir),
+                      note=lambda r: f"ppl {r['perplexity']:.2f}")
+    timed(log, "export recovered -> HF", lambda: run_cli(
+        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite",
+         "--no-progress"], log=logfile))
+    hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(out / "recovered-hf", heldout, 512, tokens),
+                   note=lambda r: f"ppl {r['perplexity']:.2f}")
+    try:
+        stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
+    except StageError as e:
+        print(f"[demo] no loss plot: {e}", file=sys.stderr)
+    return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec}
+
+
+def report(log: StageLog, mg_eval: dict, hf_res: dict, same: int, total: int, out: Path,
+           recovery: dict | None) -> None:
     lines = ["", "## megatron_prune demo", "", log.table(), "",
              "| held-out text (botchan, never trained on) | loss | perplexity | tokens |", "|---|---:|---:|---:|",
              f"| megatron-core, TP shards | {mg_eval['loss']:.6f} | {mg_eval['perplexity']:.3f} | {mg_eval['tokens']} |",
              f"| HF transformers | {hf_res['loss']:.6f} | {hf_res['perplexity']:.3f} | {hf_res['tokens']} |", "",
              f"|loss difference| = {abs(mg_eval['loss'] - hf_res['loss']):.2e}; export back to HF: "
              f"{same}/{total} tensors bit-identical."]
+    if recovery:
+        p = recovery["prune"]
+        lines += ["", "| model | parameters | held-out loss | perplexity |", "|---|---:|---:|---:|",
+                  f"| SmolLM2-135M (teacher) | {p['params_before']:,} | {mg_eval['loss']:.4f} | "
+                  f"{mg_eval['perplexity']:.2f} |",
+                  f"| pruned (activation, balance) | {p['params_after']:,} | {recovery['pruned']['loss']:.4f} | "
+                  f"{recovery['pruned']['perplexity']:.2f} |",
+                  f"| after recovery (KD) | {p['params_after']:,} | {recovery['recovered']['loss']:.4f} | "
+                  f"{recovery['recovered']['perplexity']:.2f} |",
+                  f"| after recovery, exported to HF | {p['params_after']:,} | "
+                  f"{recovery['recovered_hf']['loss']:.4f} | {recovery['recovered_hf']['perplexity']:.2f} |"]
     text = "\n".join(lines)
     print(text)
     (out / "demo_report.md").write_text(text + "\n")
-    (out / "demo_results.json").write_text(json.dumps({"megatron": mg_eval, "hf": hf_res,
+    (out / "demo_results.json").write_text(json.dumps({"megatron": mg_eval, "hf": hf_res, "recovery": recovery,
                                                        "identical_tensors": [same, total]}, indent=2))
 
 

@@ -1,0 +1,79 @@
+"""The prune -> reshard -> recover part of the demo: each function is one CLI call a user would type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_prune.demo.pipeline import last_json, run_cli
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes for SmolLM2-135M (30 layers, hidden 576, 9 heads / 3 groups, FFN 1536): about half the parameters."""
+
+    tp: int = 3                  # SmolLM2's 3 query groups allow TP 1 or 3
+    layers: int = 20
+    hidden: int = 480
+    heads: int = 6               # 2 per group, 3 groups: still divisible by TP 3
+    groups: int = 3
+    ffn: int = 1020              # divisible by 3
+    calib_samples: int = 32
+    train_iters: int = 60
+    seq_length: int = 128
+    global_batch: int = 8
+    lr: float = 1e-3
+
+    @classmethod
+    def quick(cls) -> "DemoPlan":
+        return cls(calib_samples=8, train_iters=12)
+
+
+def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> str:
+    run_cli(["preprocess", "--input", str(train_jsonl), "--tokenizer", str(tokenizer), "--output-prefix",
+             str(prefix), "--append-eod", "--workers", "2", "--overwrite", "--no-progress"], log=log)
+    return f"{prefix}_text_document"
+
+
+def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path) -> dict:
+    return last_json(run_cli(
+        ["prune", "--load", str(teacher), "--save", str(out), "--importance", "activation", "--prune-type", "balance",
+         "--calib-data", str(calib), "--calib-samples", str(plan.calib_samples), "--calib-seq-length", "256",
+         "--hidden-size-remain", str(plan.hidden), "--num-attention-heads-remain", str(plan.heads),
+         "--num-query-groups-remain", str(plan.groups), "--ffn-hidden-size-remain", str(plan.ffn),
+         "--num-layers-remain", str(plan.layers), "--overwrite", "--no-progress", "--json"],
+        nproc=plan.tp, log=log))
+
+
+def param_counts(before: Path, after: Path) -> dict:
+    from megatron_prune.checkpoint.megatron_io import read_meta
+
+    return {"params_before": read_meta(before).shape.num_params(), "params_after": read_meta(after).shape.num_params()}
+
+
+def reshard(src: Path, out: Path, tp: int, log: Path) -> None:
+    run_cli(["reshard", "--load", str(src), "--save", str(out), "--tp", str(tp), "--overwrite", "--no-progress"],
+            log=log)
+
+
+def train(student: Path, teacher: Path, data: str, tokenizer: Path, out: Path, plan: DemoPlan, log: Path) -> None:
+    """Distillation from the unpruned teacher on the shipped training text, 2 data-parallel ranks."""
+    run_cli(["train", "--load", str(student), "--save", str(out), "--teacher-load", str(teacher), "--kd-alpha", "1.0",
+             "--data-path", data, "--tokenizer", str(tokenizer), "--split", "98,2,0",
+             "--tp", "1", "--micro-batch-size", str(plan.global_batch // 2),
+             "--global-batch-size", str(plan.global_batch), "--seq-length", str(plan.seq_length),
+             "--train-iters", str(plan.train_iters), "--lr", str(plan.lr), "--min-lr", str(plan.lr / 10),
+             "--lr-warmup-iters", str(max(1, plan.train_iters // 10)), "--log-interval", "2",
+             "--eval-interval", "0", "--fp32"], nproc=2, log=log)
+
+
+def evaluate(ckpt: Path, heldout: Path, tokens: int, nproc: int, log: Path, tokenizer: Path | None = None) -> dict:
+    args = ["eval", "--load", str(ckpt), "--text-file", str(heldout), "--seq-length", "512", "--max-tokens",
+            str(tokens), "--json"]
+    if tokenizer is not None:
+        args += ["--tokenizer", str(tokenizer)]
+    return last_json(run_cli(args, nproc=nproc, log=log))
+
+
+def plot(metrics: Path, png: Path, log: Path) -> None:
+    run_cli(["plot", str(metrics), "--output", str(png)], log=log)
