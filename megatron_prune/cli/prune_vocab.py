@@ -1,0 +1,41 @@
+"""python -m megatron_prune prune-vocab --counts counts.json --keep N --tokenizer PATH [--load CKPT | --hf-dir DIR]
+--save DIR"""
+
+from __future__ import annotations
+
+from megatron_prune.cli.common import user_errors
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--counts", required=True, help="counts file from `vocab-freq` (same tokenizer)")
+    p.add_argument("--keep", type=int, required=True,
+                   help="number of most frequent tokens to keep; special, unknown and byte-fallback tokens, ids "
+                        "named by the configs, and the pieces kept tokens are merged through are kept on top")
+    p.add_argument("--tokenizer", required=True,
+                   help="the model's tokenizer: SentencePiece .model file, HF tokenizer.json, or HF tokenizer "
+                        "directory (a directory holding both tokenizer.model and tokenizer.json prunes both)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--load", help="Megatron checkpoint (any TP/PP) whose embedding / output layer to slice")
+    src.add_argument("--hf-dir", help="HF LLaMA checkpoint whose embed_tokens / lm_head to slice")
+    p.add_argument("--save", required=True,
+                   help="output directory: pruned checkpoint (or tokenizer alone), new tokenizer, vocab_map.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@user_errors
+def run(args) -> int:
+    from megatron_prune.vocab.run import VOCAB_MAP, prune_vocab
+
+    res = prune_vocab(args.counts, args.keep, args.tokenizer, args.save, load=args.load, hf_dir=args.hf_dir,
+                      overwrite=args.overwrite, progress=not args.no_progress)
+    s = res.stats
+    cov = f", covering {100 * s['coverage']:.2f}% of the counted tokens" if s["coverage"] is not None else ""
+    print(f"wrote {args.save}: vocabulary {s['old_vocab_size']} -> {s['vocab_size']} ids (top {s['keep']}, "
+          f"{s['always_kept']} always kept, {s['merge_closure_added']} added as merge intermediates){cov}; "
+          f"id map in {VOCAB_MAP}")
+    if res.meta is not None:
+        print(f"  Megatron tp={res.meta.tp} pp={res.meta.pp}: padded vocab {res.meta.padded_vocab_size}")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,11 @@
+"""Vocabulary pruning: count token frequencies of a corpus, keep the N most frequent tokens (plus specials, byte
+fallbacks and the pieces kept tokens are merged through), and slice the embedding / output rows of Megatron
+(TP/PP) and HF checkpoints to match.
+
+    counts.py           token counts of a corpus (multiprocess), counts.json, choosing the top ids
+    tokenizer_files.py  a tokenizer on disk (SentencePiece .model / HF tokenizer.json / both) read into memory
+    spm.py              SentencePiece ModelProto surgery (pure)
+    hf_tokenizer.py     tokenizer.json surgery (pure)
+    slice.py            the old -> new id map and state-dict slicing (pure)
+    run.py              file drivers (validate first, atomic output)
+"""
