@@ -107,7 +107,7 @@ def megatron_args(meta: CheckpointMeta, seq_length: int | None = None, **extra: 
     return args
 
 
-def _crc32_wanted() -> bool:
+def crc32_wanted() -> bool:
     """Zip CRC32s cost ~4x the write time of a rank file. torch >= 2.6 loads files without them; set
     MEGATRON_PRUNE_CRC32=1 when an older torch (or an unzip tool) must read the checkpoint."""
     return os.environ.get("MEGATRON_PRUNE_CRC32", "0") == "1" or not hasattr(torch.serialization, "set_crc32_options")
@@ -118,7 +118,7 @@ def save_rank(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: 
     path = rank_path(root, iteration, tp_rank, pp_rank, pp)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if _crc32_wanted():
+    if crc32_wanted():
         torch.save(state, tmp)
     else:
         from torch.utils.serialization import config

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from megatron_prune.cli.common import user_errors
 
 
 def add_arguments(p) -> None:
+    p.description = ("Change the TP/PP size of a Megatron checkpoint (converted, pruned - even or uneven "
+                     "global-mode shards - or trained). Bit-exact; one output rank at a time; the output is a "
+                     "'release' checkpoint. Optimizer, scheduler and RNG state of a training checkpoint are "
+                     "dropped (weights only).")
     p.add_argument("--load", required=True, help="source Megatron checkpoint (any TP/PP, even or uneven shards)")
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
@@ -22,4 +28,8 @@ def run(args) -> int:
     src = meta.history[-1]
     print(f"wrote {args.save}: tp={meta.tp} pp={meta.pp} (from tp={src['source_tp']} pp={src['source_pp']}"
           f"{', uneven' if src['uneven_source'] else ''}), padded vocab {meta.padded_vocab_size}")
+    if src["source_iteration"] != "release":
+        print(f"note: {args.load} is a training checkpoint (iteration {src['source_iteration']}): its weights were "
+              "resharded; optimizer, scheduler and RNG state were NOT carried over (the output is a 'release' "
+              "checkpoint: training from it starts a fresh optimizer)", file=sys.stderr)
     return 0

@@ -76,4 +76,4 @@ def evaluate(ckpt: Path, heldout: Path, tokens: int, nproc: int, log: Path, toke
 
 
 def plot(metrics: Path, png: Path, log: Path) -> None:
-    run_cli(["plot", str(metrics), "--output", str(png)], log=log)
+    run_cli(["plot", str(metrics), "--out", str(png)], log=log)

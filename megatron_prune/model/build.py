@@ -81,7 +81,7 @@ def transformer_config(shape: LlamaShape, opts: ModelOptions):
     )
 
 
-def layer_spec(opts: ModelOptions):
+def layer_spec(opts: ModelOptions, config=None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if opts.use_te:
@@ -91,7 +91,7 @@ def layer_spec(opts: ModelOptions):
     if opts.sequence_parallel and opts.tp > 1:
         from megatron_prune.model.sp_norm import sequence_parallel_local_spec
 
-        return sequence_parallel_local_spec()
+        return sequence_parallel_local_spec(config)
     return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
@@ -115,9 +115,10 @@ def build_model(shape: LlamaShape, opts: ModelOptions, pre_process: bool | None 
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
+    config = transformer_config(shape, opts)
     model = GPTModel(
-        config=transformer_config(shape, opts),
-        transformer_layer_spec=layer_spec(opts),
+        config=config,
+        transformer_layer_spec=layer_spec(opts, config),
         vocab_size=opts.padded_vocab_size or shape.vocab_size,
         max_sequence_length=opts.seq_length or shape.max_position_embeddings,
         pre_process=pre_process,

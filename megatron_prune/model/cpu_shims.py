@@ -7,8 +7,8 @@ megatron-core assumes a GPU in a few places (measured on 0.16.1, see shared note
 2. `torch.cuda.synchronize` / `torch.cuda.Stream` / `torch.cuda.Event` used for timing and overlap -> no-ops;
 3. the model-parallel RNG tracker keeps CUDA generator states -> `CpuRngTracker` keeps CPU generator states,
    so dropout in TP regions still differs per rank as on GPU;
-4. `clip_grads` asserts `torch.cuda.FloatTensor` for multi_tensor_applier -> the fallback path works on CPU
-   once the assertion's type check is satisfied (we give it the CPU type name).
+(megatron's optimizer and clip_grads check CUDA tensor type strings: `train/cpu_compat.py` handles that, scoped to
+optimizer construction and clipping.)
 
 `install()` is idempotent and returns False (doing nothing) when CUDA is available.
 """
@@ -121,7 +121,6 @@ def install() -> bool:
     torch.cuda.Event = _NoOpEvent
     torch.cuda.current_stream = lambda *a, **k: _NoOpStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.FloatTensor = torch.FloatTensor  # clip_grads' type assertion
     _CudaToCpu().__enter__()  # stays active for the life of the process
 
     from megatron.core.tensor_parallel import random as mp_random

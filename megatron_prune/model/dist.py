@@ -91,6 +91,8 @@ def _free_port() -> int:
 
 
 def shutdown() -> None:
+    if not dist.is_initialized():  # nothing to tear down: skip the multi-second megatron import
+        return
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron_prune.checkpoint.keys import EMBEDDING, to_local_names
 from megatron_prune.config.shape import LlamaShape
@@ -147,7 +146,10 @@ class ActivationScorer:
     def _layer_out(self, i: int):
         def hook(module, args, output):
             x, y = self._inputs.pop(i), output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [s, b]
+            x, y = x.float(), y.float()
+            # cosine per token; written out because F.cosine_similarity is ~3x slower on CPU
+            cos = (x * y).sum(dim=-1) / (torch.linalg.vector_norm(x, dim=-1) *
+                                         torch.linalg.vector_norm(y, dim=-1)).clamp_min(1e-12)  # [s, b]
             self.bi_sum[i] += (1.0 - cos).double().sum().cpu()
             if i == 0:
                 self.tokens += cos.numel()

@@ -1,0 +1,138 @@
+"""torchrun --nproc-per-node N -m megatron_prune train --load CKPT --data-path PREFIX --train-iters N ... [--config F]
+
+Recovery training on megatron-core. Options use Megatron-LM's names; `--config FILE` (YAML or JSON, keys with
+dashes or underscores) supplies any of them, and options on the command line override the file. N must be a
+multiple of tp x pp; the rest is data parallelism. Training resumes from --save when it already holds a
+checkpoint; from a converted or pruned checkpoint (--load) it starts at iteration 0 with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from megatron_prune.cli.common import USER_ERRORS
+
+# option -> (help, extra aliases). Types and defaults come from TrainConfig.
+HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "load": ("checkpoint to start from (converted, pruned or training; legacy Megatron layout)", ()),
+    "save": ("directory for training checkpoints and metrics.jsonl; resumed from when it holds one", ()),
+    "save_interval": ("save every N iterations (0: only at the end)", ()),
+    "keep_last": ("keep the K most recent iteration checkpoints (0: all)", ()),
+    "finetune": ("take only the weights of a --load training checkpoint: iteration 0, fresh optimizer", ()),
+    "exit_interval": ("save and stop at an iteration divisible by N (0: run to the end)", ()),
+    "tp": ("tensor-parallel size", ("--tensor-model-parallel-size",)),
+    "pp": ("pipeline-parallel size", ("--pipeline-model-parallel-size",)),
+    "sequence_parallel": ("sequence parallelism (with tp > 1)", ()),
+    "use_distributed_optimizer": ("shard optimizer state over data-parallel ranks", ()),
+    "micro_batch_size": ("sequences per micro-batch per data-parallel rank", ()),
+    "global_batch_size": ("sequences per iteration over all data-parallel ranks", ()),
+    "seq_length": ("tokens per sequence", ()),
+    "train_iters": ("training iterations (or give --train-tokens)", ()),
+    "train_tokens": ("training tokens, rounded up to whole global batches (instead of --train-iters)", ()),
+    "lr": ("peak learning rate", ()),
+    "min_lr": ("final learning rate of the decay", ()),
+    "lr_warmup_iters": ("linear warm-up iterations from 0", ()),
+    "lr_decay_style": ("learning-rate decay after warm-up", ()),
+    "lr_decay_iters": ("decay iterations (default: the training iterations)", ()),
+    "weight_decay": ("AdamW weight decay (not applied to norms)", ()),
+    "adam_beta1": ("Adam beta1", ()), "adam_beta2": ("Adam beta2", ()), "adam_eps": ("Adam epsilon", ()),
+    "clip_grad": ("clip the global gradient norm to this (0: off)", ()),
+    "precision": ("bf16, fp16 (dynamic loss scaling) or fp32; also --bf16/--fp16/--fp32", ()),
+    "loss_scale": ("fp16: constant loss scale (default: dynamic)", ()),
+    "initial_loss_scale": ("fp16: initial dynamic loss scale", ()),
+    "min_loss_scale": ("fp16: minimum dynamic loss scale", ()),
+    "loss_scale_window": ("fp16: iterations without overflow before the scale grows", ()),
+    "hysteresis": ("fp16: overflows tolerated before the scale shrinks", ()),
+    "max_bad_steps": ("abort after this many consecutive steps with a non-finite loss or gradient", ()),
+    "data_path": ("indexed dataset prefix(es): 'PREFIX ...' or weighted 'W1 PREFIX1 W2 PREFIX2 ...'", ()),
+    "valid_data_path": ("separate validation blend (then --split is not used)", ()),
+    "split": ("train,valid,test shares of --data-path documents", ()),
+    "data_cache_path": ("where megatron-core caches dataset indices (default: beside the data)", ()),
+    "tokenizer": ("tokenizer (HF directory or SentencePiece .model; default: the files in --load)",
+                  ("--tokenizer-model",)),
+    "eod_mask_loss": ("no loss on end-of-document tokens", ()),
+    "seed": ("random seed (data order, initialisation of new state)", ()),
+    "eval_interval": ("evaluate every N iterations (0: only at the end)", ()),
+    "eval_iters": ("validation global batches per evaluation (0: no evaluation)", ()),
+    "log_interval": ("log every N iterations", ()),
+    "metrics_file": ("JSON-lines metrics file (default: SAVE/metrics.jsonl)", ()),
+    "tensorboard_dir": ("also write TensorBoard events here (needs tensorboard)", ()),
+    "peak_tflops": ("peak TFLOP/s per device for MFU (default: known GPUs; none on CPU)", ()),
+    "teacher_load": ("distil from this checkpoint (same TP and vocabulary; shape may differ)", ()),
+    "kd_alpha": ("loss = alpha * KD + (1 - alpha) * LM", ()),
+    "kd_temperature": ("distillation softmax temperature", ()),
+}
+
+
+def _type_of(field: dataclasses.Field):
+    t = str(field.type)
+    return int if t.startswith("int") else float if t.startswith("float") else str
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_prune.train.config import LR_DECAY_STYLES, PRECISIONS, TrainConfig
+
+    p.add_argument("--config", default=None, help="YAML or JSON file of these settings (command line wins)")
+    for f in dataclasses.fields(TrainConfig):
+        text, aliases = HELP[f.name]
+        flags = [f"--{f.name.replace('_', '-')}", *aliases]
+        default = "" if f.default in (None, ()) else f" (default: {f.default})"
+        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=text + default)
+        if str(f.type) == "bool":
+            p.add_argument(*flags, action="store_const", const=True, **kw)
+        elif str(f.type).startswith("tuple"):
+            p.add_argument(*flags, nargs="+", metavar="PATH", **kw)
+        elif f.name in ("lr_decay_style", "precision"):
+            p.add_argument(*flags, choices=LR_DECAY_STYLES if f.name == "lr_decay_style" else PRECISIONS, **kw)
+        else:
+            p.add_argument(*flags, type=_type_of(f), metavar=f.name.upper(), **kw)
+    for name in ("bf16", "fp16", "fp32"):
+        p.add_argument(f"--{name}", dest="precision", action="store_const", const=name, default=argparse.SUPPRESS,
+                       help=f"same as --precision {name}")
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from defaults < --config file < explicit command-line options."""
+    from megatron_prune.train.config import TrainConfig, read_config_file
+
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    return TrainConfig.from_mapping(values, source=args.config or "arguments")
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, not one per rank
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    # megatron-core warns at import that TE/apex are absent (expected on CPU and with the local spec)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    from megatron_prune.train.loop import TrainingAborted
+
+    try:
+        cfg = build_config(args)
+        from megatron_prune.model.dist import shutdown
+        from megatron_prune.train.loop import train
+
+        try:
+            result = train(cfg)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():  # shutdown() imports megatron-core (seconds): only when it ran
+                shutdown()
+    except TrainingAborted as e:
+        _say(f"error: {e}")
+        return 1
+    except USER_ERRORS as e:
+        _say(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        return 2
+    _say(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""))
+    return 0

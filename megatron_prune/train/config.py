@@ -1,0 +1,269 @@
+"""TrainConfig: every training setting in one frozen dataclass, validated once, readable from YAML/JSON.
+
+Names follow Megatron-LM's arguments (`micro_batch_size` is `--micro-batch-size`); a config file may spell keys
+with dashes or underscores. Values from the command line override the file, the file overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration; the message names every factor involved."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- checkpoints
+    load: str = ""                       # converted / pruned / training checkpoint (legacy layout)
+    save: str | None = None              # training checkpoints go here; if it holds one, training resumes from it
+    save_interval: int = 0               # 0: save only at the end
+    keep_last: int = 2                   # keep the K most recent iteration checkpoints (0: keep all)
+    finetune: bool = False               # take only the weights of a --load training checkpoint (fresh optimizer)
+    exit_interval: int = 0               # save and stop at iterations divisible by this; 0: run to the end
+    # --- parallelism
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # --- batch and length of training
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 2048
+    train_iters: int | None = None
+    train_tokens: int | None = None      # alternative to train_iters: iterations = ceil(tokens / (gbs * seq))
+    # --- optimizer and schedule
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None    # default: the training iterations
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0               # 0: no clipping
+    # --- precision
+    precision: str = "bf16"
+    loss_scale: float | None = None      # fp16: constant loss scale; None: dynamic
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    max_bad_steps: int = 3               # abort after this many consecutive non-finite steps
+    # --- data
+    data_path: tuple[str, ...] = ()      # Megatron blend: "PREFIX ..." or "W1 PREFIX1 W2 PREFIX2 ..."
+    valid_data_path: tuple[str, ...] = ()  # separate validation blend (then `split` is not used)
+    split: str = "969,30,1"
+    data_cache_path: str | None = None
+    tokenizer: str | None = None         # default: the tokenizer files inside --load
+    eod_mask_loss: bool = False
+    seed: int = 1234
+    # --- evaluation and logging
+    eval_interval: int = 0               # 0: evaluate only at the end
+    eval_iters: int = 10                 # validation batches per evaluation (0: never evaluate)
+    log_interval: int = 10
+    metrics_file: str | None = None      # default: SAVE/metrics.jsonl
+    tensorboard_dir: str | None = None
+    peak_tflops: float | None = None     # per device, for MFU; default: looked up for known GPUs
+    # --- distillation
+    teacher_load: str | None = None
+    kd_alpha: float = 0.5
+    kd_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_path", tuple(str(p) for p in _as_list(self.data_path)))
+        object.__setattr__(self, "valid_data_path", tuple(str(p) for p in _as_list(self.valid_data_path)))
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        if not self.load:
+            raise ConfigError("--load is required (a converted, pruned or training checkpoint)")
+        if not self.data_path:
+            raise ConfigError("--data-path is required (indexed dataset prefix(es), e.g. from `preprocess`)")
+        for name in ("tp", "pp", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
+                     "max_bad_steps", "loss_scale_window", "hysteresis"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("save_interval", "keep_last", "exit_interval", "lr_warmup_iters", "eval_interval",
+                     "eval_iters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if (self.train_iters is None) == (self.train_tokens is None):
+            raise ConfigError(f"give exactly one of train_iters and train_tokens "
+                              f"(train_iters={self.train_iters}, train_tokens={self.train_tokens})")
+        if (self.train_iters or self.train_tokens or 0) < 1:
+            raise ConfigError(f"train_iters / train_tokens must be positive "
+                              f"(train_iters={self.train_iters}, train_tokens={self.train_tokens})")
+        self._validate_schedule()
+        self._validate_misc()
+        parse_blend(self.data_path)
+        if self.valid_data_path:
+            parse_blend(self.valid_data_path)
+        parse_split(self.split)
+
+    def _validate_schedule(self) -> None:
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr (min_lr={self.min_lr}, lr={self.lr})")
+        decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.iterations
+        if self.lr_warmup_iters > decay:
+            raise ConfigError(f"lr_warmup_iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
+                              f"(lr_decay_iters={self.lr_decay_iters}, train iterations={self.iterations})")
+        if self.weight_decay < 0 or self.clip_grad < 0 or self.adam_eps <= 0:
+            raise ConfigError(f"need weight_decay >= 0, clip_grad >= 0, adam_eps > 0 (weight_decay="
+                              f"{self.weight_decay}, clip_grad={self.clip_grad}, adam_eps={self.adam_eps})")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"adam betas must be in [0, 1) (beta1={self.adam_beta1}, beta2={self.adam_beta2})")
+
+    def _validate_misc(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"loss_scale must be positive, got {self.loss_scale}")
+        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
+            raise ConfigError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0 "
+                              f"(kd_alpha={self.kd_alpha}, kd_temperature={self.kd_temperature})")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
+        if self.save is None and (self.save_interval or self.exit_interval):
+            raise ConfigError(f"save_interval={self.save_interval} / exit_interval={self.exit_interval} "
+                              f"need --save")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def iterations(self) -> int:
+        """Training iterations (from train_iters, or train_tokens rounded up to whole global batches)."""
+        if self.train_iters is not None:
+            return self.train_iters
+        return math.ceil(self.train_tokens / (self.global_batch_size * self.seq_length))
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.iterations
+
+    @property
+    def dtype(self) -> str:
+        return PRECISION_DTYPES[self.precision]
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    def layout(self, world_size: int) -> "BatchLayout":
+        """Data-parallel size and micro-batches per step for a job of `world_size` ranks."""
+        mp = self.tp * self.pp
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp}")
+        dp = world_size // mp
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"global batch {self.global_batch_size} is not divisible by micro batch {self.micro_batch_size} "
+                f"x data-parallel {dp} (world {world_size} = tp {self.tp} x pp {self.pp} x dp {dp})")
+        if self.sequence_parallel and self.tp > 1 and self.seq_length % self.tp:
+            raise ConfigError(f"sequence parallel needs seq_length {self.seq_length} divisible by tp {self.tp}")
+        return BatchLayout(dp=dp, num_microbatches=self.global_batch_size // (self.micro_batch_size * dp))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data_path"], d["valid_data_path"] = list(self.data_path), list(self.valid_data_path)
+        return d
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dict whose keys may use dashes; unknown keys are an error naming them all."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        norm = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(k for k in norm if k not in known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**norm)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    dp: int
+    num_microbatches: int
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    return list(value)
+
+
+def parse_blend(tokens: tuple[str, ...] | list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's --data-path: "P1 P2 ..." (weights from sizes) or "W1 P1 W2 P2 ..." (weighted blend)."""
+    tokens = list(tokens)
+
+    def is_number(t: str) -> bool:
+        try:
+            float(t)
+            return True
+        except ValueError:
+            return False
+
+    numeric = [is_number(t) for t in tokens]
+    if not any(numeric):
+        return tokens, None
+    if len(tokens) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
+        raise ConfigError(f"data path {' '.join(tokens)!r}: expected prefixes, or weight/prefix pairs "
+                          f"'W1 PREFIX1 W2 PREFIX2 ...'")
+    weights = [float(t) for t in tokens[0::2]]
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"data path weights must be positive, got {weights}")
+    return tokens[1::2], weights
+
+
+def parse_split(split: str) -> list[float]:
+    """Megatron's --split "train,valid,test" weights (normalised by megatron-core)."""
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"split {split!r}: expected comma-separated numbers like '969,30,1'") from None
+    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+        raise ConfigError(f"split {split!r}: expected up to 3 non-negative weights with a positive train share")
+    return parts + [0.0] * (3 - len(parts))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml, needs PyYAML) or JSON mapping of TrainConfig settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data

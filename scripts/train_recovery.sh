@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Recovery training (or distillation) of a converted / pruned Megatron checkpoint with megatron-core:
+# one torchrun call of `python -m megatron_prune train`. All arguments are passed through; see --help.
+#
+# Environment (defaults in brackets):
+#   PYTHON           Python interpreter                                   [python3]
+#   NPROC            processes per node (tp x pp x dp / NNODES)           [1]
+#   NNODES           number of nodes                                      [1]
+#   NODE_RANK        rank of this node (static rendezvous)                [0]
+#   MASTER_ADDR      rendezvous host (multi-node)                         [127.0.0.1]
+#   MASTER_PORT      rendezvous port (multi-node)                         [29500]
+#   RDZV_ID          rendezvous id; set it to use c10d elastic rendezvous instead of NODE_RANK   [unset]
+#   OMP_NUM_THREADS  CPU threads per process                              [1]
+#
+# Single node, 2 GPUs, TP=2:
+#   NPROC=2 bash scripts/train_recovery.sh --load ckpt/pruned --save ckpt/recovered --tp 2 \
+#     --data-path data/corpus_text_document --micro-batch-size 4 --global-batch-size 64 --seq-length 2048 \
+#     --train-iters 1000 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 50 --save-interval 200 --eval-interval 100
+# Distillation from the unpruned model:   ... --teacher-load ckpt/original --kd-alpha 0.5 --kd-temperature 1
+# Settings from a file (command line wins): ... --config recovery.yaml
+# Two nodes (run on each, NODE_RANK=0 and 1):  NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 bash ... 
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exec "$PYTHON" -m megatron_prune train --help
+fi
+NPROC=${NPROC:-1}
+NNODES=${NNODES:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [[ -n "${RDZV_ID:-}" ]]; then
+  rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-id "$RDZV_ID"
+        --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}")
+elif [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
+  rdzv=(--standalone)
+else
+  rdzv=(--nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}"
+        --master-port "${MASTER_PORT:-29500}")
+fi
+exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@"
