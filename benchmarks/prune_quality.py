@@ -93,28 +93,31 @@ def main() -> int:
     from megatron_prune.cli.eval import read_windows
 
     work = Path(tempfile.mkdtemp(prefix="prune_quality_"))
-    hf = smollm2(work)
-    windows = read_windows(str(HELDOUT), str(hf), seq, eval_tokens)
-    sh([sys.executable, "-m", "megatron_prune", "convert", "hf-to-megatron", "--hf-dir", str(hf), "--save",
-        str(work / "tp"), "--tp", str(args.tp), "--no-progress"])
-    rows = [("original (not pruned)", "-", "-", perplexity(hf, windows), 0.0)]
-    print(f"original: ppl {rows[0][3]:.2f}", flush=True)
-    for exp, target in EXPERIMENTS.items():
-        variants = [("random", s, "balance") for s in range(1, args.seeds + 1)]
-        variants += [("activation", 0, "balance")]
-        if exp == "width":  # magnitude has no layer scores
-            variants += [("magnitude", 0, "balance")]
-        if exp != "depth":
-            variants += [("activation", 0, "global")]
-        for importance, seed, mode in variants:
-            out = work / f"{exp}-{importance}-{seed}-{mode}"
-            pruned, seconds = prune_variant(work / "tp", out, args.tp, target, importance, seed, mode, calib)
-            ppl = perplexity(pruned, windows)
-            label = f"{importance}" + (f" (seed {seed})" if importance == "random" else "")
-            rows.append((exp, label, mode, ppl, seconds))
-            print(f"{exp:12s} {label:18s} {mode:8s} ppl {ppl:10.2f}  prune {seconds:.1f} s", flush=True)
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-    subprocess.run(["rm", "-rf", str(work)], check=True)
+    try:
+        hf = smollm2(work)
+        windows = read_windows(str(HELDOUT), str(hf), seq, eval_tokens)
+        sh([sys.executable, "-m", "megatron_prune", "convert", "hf-to-megatron", "--hf-dir", str(hf), "--save",
+            str(work / "tp"), "--tp", str(args.tp), "--no-progress"])
+        rows = [("original (not pruned)", "-", "-", perplexity(hf, windows), 0.0)]
+        print(f"original: ppl {rows[0][3]:.2f}", flush=True)
+        for exp, target in EXPERIMENTS.items():
+            variants = [("random", s, "balance") for s in range(1, args.seeds + 1)]
+            variants += [("activation", 0, "balance")]
+            if exp == "width":  # magnitude has no layer scores
+                variants += [("magnitude", 0, "balance")]
+            if exp != "depth":
+                variants += [("activation", 0, "global")]
+            for importance, seed, mode in variants:
+                out = work / f"{exp}-{importance}-{seed}-{mode}"
+                pruned, seconds = prune_variant(work / "tp", out, args.tp, target, importance, seed, mode, calib)
+                ppl = perplexity(pruned, windows)
+                label = f"{importance}" + (f" (seed {seed})" if importance == "random" else "")
+                rows.append((exp, label, mode, ppl, seconds))
+                print(f"{exp:12s} {label:18s} {mode:8s} ppl {ppl:10.2f}  prune {seconds:.1f} s", flush=True)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+
     body = render(rows, args, calib_samples, seq, len(windows) * seq)
     print(body)
     if not args.no_write:

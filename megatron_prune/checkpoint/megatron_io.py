@@ -44,7 +44,8 @@ class CheckpointMeta:
     te_names: bool = False
     hf_config: dict = field(default_factory=dict)
     history: tuple = ()
-    # Uneven shards (global-mode pruning): per TP rank {"heads": [...], "groups": [...], "ffn": [...]}; else None.
+    # Uneven shards (global-mode pruning): {"groups": [[g_rank0, g_rank1, ...] per layer], "ffn": [[...] per layer]}
+    # (heads per group are equal everywhere); None when every rank holds the same sizes.
     rank_sizes: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
