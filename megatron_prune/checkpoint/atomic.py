@@ -39,6 +39,11 @@ def atomic_dir(save: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_into_place(tmp, save)
+
+
+def swap_into_place(tmp: Path, save: Path) -> None:
+    """Rename a finished temporary directory to `save`, replacing (then deleting) any previous `save`."""
     old = None
     if save.exists():
         old = save.parent / f".{save.name}.old-{os.getpid()}"

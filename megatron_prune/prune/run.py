@@ -286,15 +286,11 @@ def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None
 
 
 def _commit(tmp: Path, save: Path, finalize) -> None:
-    """Rank 0: meta, plan and tracker into the temp dir, then swap it into place (as atomic.atomic_dir does)."""
+    """Rank 0: meta, plan and tracker into the temp dir, then swap it into place."""
+    from megatron_prune.checkpoint.atomic import swap_into_place
+
     finalize(tmp)
-    old = None
-    if save.exists():
-        old = save.parent / f".{save.name}.old-{os.getpid()}"
-        save.rename(old)
-    tmp.rename(save)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, save)
 
 
 class PageDropper:
