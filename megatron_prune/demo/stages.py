@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,16 @@ class DemoPlan:
     seq_length: int = 128
     global_batch: int = 8
     lr: float = 1e-3
+    eval_iters: int = 4          # validation batches at the end of training (the held-out text is evaluated apart)
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(calib_samples=8, train_iters=12)
+        return cls(calib_samples=8, train_iters=8, eval_iters=1)
+
+    def target_args(self) -> list[str]:
+        return ["--hidden-size-remain", str(self.hidden), "--num-attention-heads-remain", str(self.heads),
+                "--num-query-groups-remain", str(self.groups), "--ffn-hidden-size-remain", str(self.ffn),
+                "--num-layers-remain", str(self.layers)]
 
 
 def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> str:
@@ -35,13 +42,14 @@ def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> s
     return f"{prefix}_text_document"
 
 
-def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path) -> dict:
+def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path, importance: str = "activation",
+          target: list[str] | None = None, seed: int = 1234) -> dict:
+    """Prune to the plan's shape (balance mode); `target` replaces the plan's size arguments when given."""
+    calib_args = ["--calib-data", str(calib), "--calib-samples", str(plan.calib_samples), "--calib-seq-length", "256"]
     return last_json(run_cli(
-        ["prune", "--load", str(teacher), "--save", str(out), "--importance", "activation", "--prune-type", "balance",
-         "--calib-data", str(calib), "--calib-samples", str(plan.calib_samples), "--calib-seq-length", "256",
-         "--hidden-size-remain", str(plan.hidden), "--num-attention-heads-remain", str(plan.heads),
-         "--num-query-groups-remain", str(plan.groups), "--ffn-hidden-size-remain", str(plan.ffn),
-         "--num-layers-remain", str(plan.layers), "--overwrite", "--no-progress", "--json"],
+        ["prune", "--load", str(teacher), "--save", str(out), "--importance", importance, "--prune-type", "balance",
+         "--seed", str(seed), *(calib_args if importance == "activation" else []),
+         *(plan.target_args() if target is None else target), "--overwrite", "--no-progress", "--json"],
         nproc=plan.tp, log=log))
 
 
@@ -56,15 +64,19 @@ def reshard(src: Path, out: Path, tp: int, log: Path) -> None:
             log=log)
 
 
-def train(student: Path, teacher: Path, data: str, tokenizer: Path, out: Path, plan: DemoPlan, log: Path) -> None:
-    """Distillation from the unpruned teacher on the shipped training text, 2 data-parallel ranks."""
-    run_cli(["train", "--load", str(student), "--save", str(out), "--teacher-load", str(teacher), "--kd-alpha", "1.0",
-             "--data-path", data, "--tokenizer", str(tokenizer), "--split", "98,2,0",
+def train(student: Path, teacher: Path | None, data: str, tokenizer: Path, out: Path, plan: DemoPlan,
+          log: Path) -> None:
+    """Distillation from the unpruned teacher (LM loss alone when teacher is None) on the shipped training text,
+    2 data-parallel ranks."""
+    kd = ["--teacher-load", str(teacher), "--kd-alpha", "1.0"] if teacher is not None else []
+    shutil.rmtree(out, ignore_errors=True)  # `train` resumes from a checkpoint in --save: start afresh each run
+    run_cli(["train", "--load", str(student), "--save", str(out), *kd, "--data-path", data,
+             "--tokenizer", str(tokenizer), "--split", "98,2,0",
              "--tp", "1", "--micro-batch-size", str(plan.global_batch // 2),
              "--global-batch-size", str(plan.global_batch), "--seq-length", str(plan.seq_length),
              "--train-iters", str(plan.train_iters), "--lr", str(plan.lr), "--min-lr", str(plan.lr / 10),
              "--lr-warmup-iters", str(max(1, plan.train_iters // 10)), "--log-interval", "2",
-             "--eval-interval", "0", "--fp32"], nproc=2, log=log)
+             "--eval-interval", "0", "--eval-iters", str(plan.eval_iters), "--fp32"], nproc=2, log=log)
 
 
 def evaluate(ckpt: Path, heldout: Path, tokens: int, nproc: int, log: Path, tokenizer: Path | None = None) -> dict:
