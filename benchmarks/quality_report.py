@@ -1,6 +1,6 @@
 """Quality report: which pruning choices matter once the pruned model is trained again, on a real model.
 
-    python benchmarks/quality_report.py              # SmolLM2-135M, 40 recovery iterations per variant (~35 min)
+    python benchmarks/quality_report.py              # SmolLM2-135M, 60 recovery iterations per variant (~45 min)
     python benchmarks/quality_report.py --iters 12   # shorter
 
 All variants share the demo's pruned shape (30 -> 20 layers, hidden 576 -> 480, heads 9 -> 6 in 3 groups,
@@ -47,12 +47,11 @@ def pruned_starts(work: Path, teacher: Path, plan: stages.DemoPlan, tokens: int,
     drops the layers activation's Block Influence dropped: (a) then compares width criteria at equal depth choice."""
     starts = {}
     for importance in ("activation", "magnitude", "random"):
-        target = None
+        dropped = None
         if importance == "magnitude":
             dropped = json.loads((work / "activation-tp3" / "prune_plan.json").read_text())["dropped_layers"]
-            target = [a for a in plan.target_args()[:-2]] + ["--drop-layers", ",".join(map(str, dropped))]
         t0 = time.perf_counter()
-        stages.prune(teacher, work / f"{importance}-tp3", plan, SAMPLES / "train.jsonl", log, importance, target)
+        stages.prune(teacher, work / f"{importance}-tp3", plan, SAMPLES / "train.jsonl", log, importance, dropped)
         res = stages.evaluate(work / f"{importance}-tp3", SAMPLES / "heldout.jsonl", tokens, plan.tp, log)
         stages.reshard(work / f"{importance}-tp3", work / f"{importance}-tp1", 1, log)
         starts[importance] = {"ckpt": work / f"{importance}-tp1", "pruned": res}

@@ -30,10 +30,12 @@ class DemoPlan:
     def quick(cls) -> "DemoPlan":
         return cls(calib_samples=8, train_iters=8, eval_iters=1)
 
-    def target_args(self) -> list[str]:
+    def target_args(self, dropped_layers: list[int] | None = None) -> list[str]:
+        """The pruner's size arguments; `dropped_layers` names the layers to drop instead of letting it choose."""
+        depth = (["--num-layers-remain", str(self.layers)] if dropped_layers is None
+                 else ["--drop-layers", ",".join(map(str, dropped_layers))])
         return ["--hidden-size-remain", str(self.hidden), "--num-attention-heads-remain", str(self.heads),
-                "--num-query-groups-remain", str(self.groups), "--ffn-hidden-size-remain", str(self.ffn),
-                "--num-layers-remain", str(self.layers)]
+                "--num-query-groups-remain", str(self.groups), "--ffn-hidden-size-remain", str(self.ffn), *depth]
 
 
 def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> str:
@@ -43,13 +45,13 @@ def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> s
 
 
 def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path, importance: str = "activation",
-          target: list[str] | None = None, seed: int = 1234) -> dict:
-    """Prune to the plan's shape (balance mode); `target` replaces the plan's size arguments when given."""
+          dropped_layers: list[int] | None = None, seed: int = 1234) -> dict:
+    """Prune to the plan's shape (balance mode), dropping `dropped_layers` when given."""
     calib_args = ["--calib-data", str(calib), "--calib-samples", str(plan.calib_samples), "--calib-seq-length", "256"]
     return last_json(run_cli(
         ["prune", "--load", str(teacher), "--save", str(out), "--importance", importance, "--prune-type", "balance",
          "--seed", str(seed), *(calib_args if importance == "activation" else []),
-         *(plan.target_args() if target is None else target), "--overwrite", "--no-progress", "--json"],
+         *plan.target_args(dropped_layers), "--overwrite", "--no-progress", "--json"],
         nproc=plan.tp, log=log))
 
 
