@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.consistency import check_checkpoint
 from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_hf_stage
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
 from megatron_prune.checkpoint.keys import OUTPUT, hf_expected_keys, is_ignored_hf_key
@@ -73,12 +74,8 @@ def _write_converted_rank(reader: HFReader, meta: mio.CheckpointMeta, args, out:
 
 
 def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
-    for pp_rank in range(meta.pp):
-        for tp_rank in range(meta.tp):
-            path = mio.rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
-                                      f"tp={meta.tp}, pp={meta.pp})")
+    """Every rank file present, in its own folder, with the layers and tensor shapes the meta implies."""
+    check_checkpoint(Path(root), meta, iteration)
 
 
 def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False,

@@ -122,3 +122,20 @@ def hf_expected_keys(num_layers: int, tied: bool) -> list[str]:
 
 def is_ignored_hf_key(key: str) -> bool:
     return any(p.match(key) for p in HF_IGNORED)
+
+
+def hf_expected_shapes(shape) -> dict[str, tuple[int, ...]]:
+    """{HF key: shape} of every tensor of a LlamaForCausalLM of `shape` (a config.json's promise to its tensors)."""
+    h, f, d, v = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels, shape.vocab_size
+    q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
+    per_layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (f, h),
+                 "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    out = {EMBEDDING.hf[0]: (v, h)}
+    for layer in range(shape.num_layers):
+        out.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
+    out[FINAL_NORM.hf[0]] = (h,)
+    if not shape.tie_word_embeddings:
+        out[OUTPUT.hf[0]] = (v, h)
+    return out

@@ -6,7 +6,10 @@
     ROOT/megatron_prune.json                        shape, parallel sizes, dtype, per-rank sizes, history
 
 Megatron-LM's `read_metadata` accepts iteration 0 only as "release", hence "release" for step-0 checkpoints.
-Each rank file is {"model": state_dict, "args": Namespace, "checkpoint_version": 3.0, "iteration": N}.
+Each rank file is {"model": state_dict, "args": Namespace, "checkpoint_version": 3.0, "iteration": N,
+"megatron_prune_rank": {"tp_rank", "pp_rank", "tp", "pp"}} (the rank record: which folder the file belongs in;
+Megatron-LM ignores keys it does not know). Every rank file read is checked against its folder and the meta
+(checkpoint.consistency).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from megatron_prune.checkpoint.atomic import atomic_write_text
+from megatron_prune.checkpoint.consistency import RANK_RECORD, check_rank_state, rank_record
 from megatron_prune.checkpoint.hf_io import CheckpointError
 from megatron_prune.config.shape import LlamaShape
 
@@ -115,8 +119,10 @@ def crc32_wanted() -> bool:
 
 
 def save_rank(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int, state: dict[str, Any]) -> Path:
-    """Write one rank file atomically (temp sibling + rename)."""
+    """Write one rank file atomically (temp sibling + rename), with its rank record (read back by load_rank)."""
     path = rank_path(root, iteration, tp_rank, pp_rank, pp)
+    tp = getattr(state.get("args"), "tensor_model_parallel_size", None)
+    state = {**state, RANK_RECORD: rank_record(tp_rank, pp_rank, tp, pp)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if crc32_wanted():
@@ -209,7 +215,8 @@ def load_rank_file(path: Path) -> dict[str, Any]:
 
 def load_rank(root: str | Path, tp_rank: int, pp_rank: int, meta: CheckpointMeta | None = None,
               iteration: int | str | None = None) -> dict[str, Any]:
-    """One rank's file, checked against the checkpoint's meta (parallel sizes, iteration)."""
+    """One rank's file, checked against its folder and the checkpoint's meta (parallel sizes, iteration, layers,
+    tensor shapes)."""
     root = Path(root)
     meta = meta or read_meta(root)
     iteration = read_tracker(root) if iteration is None else iteration
@@ -222,4 +229,5 @@ def load_rank(root: str | Path, tp_rank: int, pp_rank: int, meta: CheckpointMeta
     want = 0 if iteration == "release" else iteration
     if state.get("iteration", want) != want:
         raise CheckpointError(f"{path}: iteration {state.get('iteration')} differs from the tracker's {iteration}")
+    check_rank_state(path, state, meta, tp_rank, pp_rank, root)
     return state

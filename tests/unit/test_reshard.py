@@ -269,7 +269,9 @@ def test_shard_inconsistent_with_shape(converted, tmp_path, capsys):
     state["model"][key] = state["model"][key][:-64].clone()  # one group: (2 heads + k + v) * 16 rows
     torch.save(state, path)
     err = run_cli(capsys, src, tmp_path / "out", "--tp", "1")
-    assert "decoder.layers.2.self_attention.linear_qkv.weight: source shards [128, 64] merge to" in err
+    # the shared consistency check names the rank file and the shape the meta implies for it
+    assert "mp_rank_01/model_optim_rng.pt: tensor 'decoder.layers.2.self_attention.linear_qkv.weight' has shape " \
+           "[64, 64]" in err and "implies [128, 64] for tp rank 1 of 2" in err
     assert "groups=4" in err
 
 

@@ -1,0 +1,178 @@
+"""Is a Megatron checkpoint what its metadata says it is? One check for every reader (export, reshard, prune,
+prune-vocab, training and eval loads), run before any output is written.
+
+The metadata (`megatron_prune.json`, or Megatron-LM's args) is trusted only once the tensors agree with it:
+- each rank file sits in the folder of the rank it was written for (the rank record `save_rank` adds; older
+  files without one are accepted, their folder name is the truth);
+- each stage holds exactly the layers the metadata implies (an edited `num_layers` would drop or invent layers);
+- each tensor has the shape the metadata implies for its TP rank, computed by the layout's own split functions
+  on meta-device tensors (checkpoint.layout owns the rules; nothing is re-derived here).
+
+Also the finite check (NaN / Inf) used while tensors are copied: a sum is one cheap pass that propagates any
+non-finite value; only when it is not finite are the elements looked at (a sum may overflow on finite data).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from megatron_prune.checkpoint.convert import split_tensor
+from megatron_prune.checkpoint.hf_io import CheckpointError
+from megatron_prune.checkpoint.keys import hf_expected_shapes, stage_layers, stage_tensor_maps, to_local_names
+
+if TYPE_CHECKING:
+    from megatron_prune.checkpoint.megatron_io import CheckpointMeta
+
+RANK_RECORD = "megatron_prune_rank"  # {"tp_rank", "pp_rank", "tp", "pp"}: which rank this file was written for
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+class NonFiniteError(CheckpointError):
+    """A tensor holds NaN or Inf (pass --allow-non-finite to copy it anyway)."""
+
+
+# ----------------------------------------------------------------------------- rank record
+def rank_record(tp_rank: int, pp_rank: int, tp: int | None, pp: int) -> dict[str, int | None]:
+    return {"tp_rank": tp_rank, "pp_rank": pp_rank, "tp": tp, "pp": pp}
+
+
+def check_rank_record(path: Path, state: Mapping[str, Any], tp_rank: int, pp_rank: int, tp: int, pp: int) -> None:
+    """The folder a rank file sits in is the truth; a file recorded for another rank was moved or swapped."""
+    rec = state.get(RANK_RECORD)
+    if not isinstance(rec, dict):
+        return  # written before rank records existed: accepted
+    want = rank_record(tp_rank, pp_rank, tp, pp)
+    got = {k: rec.get(k) for k in want}
+    if got["tp"] is None:
+        got["tp"] = tp
+    if got != want:
+        raise CheckpointError(f"{path}: written as tp rank {got['tp_rank']}, pp rank {got['pp_rank']} of tp="
+                              f"{got['tp']}, pp={got['pp']}, but it sits in the folder of tp rank {tp_rank}, pp "
+                              f"rank {pp_rank} of tp={tp}, pp={pp} (rank folders swapped or renamed?)")
+
+
+# ----------------------------------------------------------------------------- expected shapes
+def _meta_tensors(shape) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(s, device="meta") for k, s in hf_expected_shapes(shape).items()}
+
+
+def _split_shape(kind: str, hf_keys, full: dict[str, torch.Tensor], tp: int, rank: int, shape, padded: int):
+    return tuple(split_tensor(kind, [full[k] for k in hf_keys], tp, rank, shape, padded).shape)
+
+
+def _uneven_layer_shape(meta: "CheckpointMeta", layer: int, tp_rank: int):
+    """Global-mode pruning: TP rank r of layer l holds what TP=1 of a model with r's groups and FFN would hold."""
+    s, sizes = meta.shape, meta.rank_sizes
+    groups, ffn = sizes["groups"][layer][tp_rank], sizes["ffn"][layer][tp_rank]
+    if groups < 1 or ffn < 1:
+        return None  # an empty shard: nothing to compare against the split rules
+    return s.replace(num_query_groups=groups, num_attention_heads=groups * s.heads_per_group, ffn_hidden_size=ffn)
+
+
+def expected_rank_shapes(meta: "CheckpointMeta", tp_rank: int, pp_rank: int) -> dict[str, tuple[int, ...] | None]:
+    """{local-spec key: shape} of every tensor of rank (tp_rank, pp_rank), as the metadata implies it (None: an
+    uneven shard whose shape is not checked)."""
+    s = meta.shape
+    full = _meta_tensors(s)
+    out: dict[str, tuple[int, ...] | None] = {}
+    layers = stage_layers(s.num_layers, meta.pp, pp_rank)
+    per_layer: dict[int, Any] = {}
+    for mkey, hf_keys, kind in stage_tensor_maps(s.num_layers, meta.pp, pp_rank, s.tie_word_embeddings):
+        m = _LAYER.match(mkey)
+        if meta.rank_sizes and m:
+            layer = layers[int(m.group(1))]
+            if layer not in per_layer:
+                ls = _uneven_layer_shape(meta, layer, tp_rank)
+                per_layer[layer] = (ls, _meta_tensors(ls)) if ls else None
+            if per_layer[layer] is None:
+                out[mkey] = None
+                continue
+            ls, lfull = per_layer[layer]
+            out[mkey] = _split_shape(kind, hf_keys, lfull, 1, 0, ls, meta.padded_vocab_size)
+        else:
+            out[mkey] = _split_shape(kind, hf_keys, full, meta.tp, tp_rank, s, meta.padded_vocab_size)
+    return out
+
+
+# ----------------------------------------------------------------------------- one rank's state
+def _layer_count(keys) -> int:
+    return len({int(m.group(1)) for k in keys if (m := _LAYER.match(k))})
+
+
+def check_rank_tensors(path: Path, model: Mapping[str, Any], meta: "CheckpointMeta", tp_rank: int, pp_rank: int,
+                       meta_source: str) -> None:
+    """Keys and shapes of one rank's model state dict against the metadata (`meta_source` names where it is)."""
+    s = meta.shape
+    tensors = {k: v for k, v in to_local_names(dict(model)).items() if isinstance(v, torch.Tensor)}
+    want = expected_rank_shapes(meta, tp_rank, pp_rank)
+    n_want, n_got = len(stage_layers(s.num_layers, meta.pp, pp_rank)), _layer_count(tensors)
+    if n_got != n_want:
+        raise CheckpointError(f"{path}: holds {n_got} layers, but {meta_source} implies {n_want} (num_layers="
+                              f"{s.num_layers}, pp={meta.pp}, stage {pp_rank})")
+    missing, extra = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+    if missing or extra:
+        what = f"{len(missing)} tensors missing, e.g. {missing[:2]}" if missing else \
+            f"unexpected tensors, e.g. {extra[:2]}"
+        raise CheckpointError(f"{path}: {what} (vs {meta_source}: num_layers={s.num_layers}, pp={meta.pp}, "
+                              f"stage {pp_rank})")
+    for key, shape in want.items():
+        got = tuple(tensors[key].shape)
+        if shape is not None and got != shape:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {list(got)}, but {meta_source} implies {list(shape)} for tp rank "
+                f"{tp_rank} of {meta.tp} (hidden={s.hidden_size}, heads={s.num_attention_heads}, groups="
+                f"{s.num_query_groups}, kv_channels={s.kv_channels}, ffn={s.ffn_hidden_size}, padded vocab="
+                f"{meta.padded_vocab_size})")
+
+
+def meta_source(root: Path) -> str:
+    from megatron_prune.checkpoint.megatron_io import META
+
+    path = Path(root) / META
+    return str(path) if path.is_file() else f"{root}'s Megatron-LM args"
+
+
+def check_rank_state(path: Path, state: Mapping[str, Any], meta: "CheckpointMeta", tp_rank: int, pp_rank: int,
+                     root: Path) -> None:
+    """Everything one rank file must agree on with its folder and the checkpoint's metadata."""
+    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
+        raise CheckpointError(f"{path}: not a Megatron rank file (no 'model' state dict)")
+    check_rank_record(path, state, tp_rank, pp_rank, meta.tp, meta.pp)
+    check_rank_tensors(path, state["model"], meta, tp_rank, pp_rank, meta_source(root))
+
+
+def check_checkpoint(root: Path, meta: "CheckpointMeta", iteration) -> None:
+    """Every rank file present, in its own folder, with the layers and shapes the metadata implies. Reads only
+    the pickles (tensors are loaded onto the meta device), so it costs milliseconds even for 7B."""
+    from megatron_prune.checkpoint import megatron_io as mio
+
+    for pp_rank in range(meta.pp):
+        for tp_rank in range(meta.tp):
+            path = mio.rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
+                                      f"tp={meta.tp}, pp={meta.pp})")
+            try:
+                state = torch.load(path, map_location="meta", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+            check_rank_state(path, state, meta, tp_rank, pp_rank, root)
+
+
+# ----------------------------------------------------------------------------- finite values
+def is_finite(t: torch.Tensor) -> bool:
+    """True when every element is finite. Fast path: one sum (NaN and Inf propagate); exact check otherwise."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def describe_non_finite(t: torch.Tensor) -> str:
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return f"{nan} NaN and {inf} Inf of {t.numel()} values"
