@@ -45,14 +45,16 @@ def merge_tensor(kind: str, shards: Sequence[torch.Tensor], shape: LlamaShape) -
 
 def hf_to_megatron_rank(get: Getter, shape: LlamaShape, tp: int, pp: int, tp_rank: int, pp_rank: int,
                         padded_vocab: int, dtype: torch.dtype | None = None, te_names: bool = False,
-                        on_tensor: Callable[[str], None] | None = None) -> dict[str, torch.Tensor | None]:
-    """The megatron-core state dict of rank (tp_rank, pp_rank). `get(hf_key)` returns a sliceable tensor."""
+                        on_tensor: Callable[[str, torch.Tensor], None] | None = None
+                        ) -> dict[str, torch.Tensor | None]:
+    """The megatron-core state dict of rank (tp_rank, pp_rank). `get(hf_key)` returns a sliceable tensor;
+    `on_tensor(megatron_key, tensor)` sees each tensor as soon as it is made (progress, finite check)."""
     sd: dict[str, torch.Tensor | None] = {}
     for mkey, hf_keys, kind in stage_tensor_maps(shape.num_layers, pp, pp_rank, shape.tie_word_embeddings):
         t = split_tensor(kind, [get(k) for k in hf_keys], tp, tp_rank, shape, padded_vocab)
         sd[mkey] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
         if on_tensor:
-            on_tensor(mkey)
+            on_tensor(mkey, sd[mkey])
     for key in stage_extra_state_keys(shape.num_layers, pp, pp_rank):
         sd[key] = None
     return to_te_names(sd) if te_names else sd

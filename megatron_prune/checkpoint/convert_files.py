@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
-from megatron_prune.checkpoint.consistency import check_checkpoint
+from megatron_prune.checkpoint.consistency import NonFiniteError, check_checkpoint, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_hf_stage
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
-from megatron_prune.checkpoint.keys import OUTPUT, hf_expected_keys, is_ignored_hf_key
+from megatron_prune.checkpoint.keys import (OUTPUT, hf_expected_keys, is_ignored_hf_key, stage_tensor_maps,
+                                            to_local_names)
 from megatron_prune.config.shape import canonical_dtype
 
 TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +30,7 @@ def _check_hf_keys(reader: HFReader) -> None:
     extra = [k for k in reader.keys() if k not in allowed and not is_ignored_hf_key(k)]
     if extra:
         raise CheckpointError(f"{reader.dir}: unexpected tensors for a LLaMA model, e.g. {extra[:3]}")
+    reader.check_shapes()
     for key in expected:
         if reader[key].dtype not in TORCH_DTYPE.values():
             raise CheckpointError(f"{reader.dir}: tensor {key!r} has unsupported dtype {reader[key].dtype}")
@@ -36,8 +38,9 @@ def _check_hf_keys(reader: HFReader) -> None:
 
 def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
                    divisible_by: int = 128, te_names: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> mio.CheckpointMeta:
-    """Convert an HF LLaMA directory to Megatron shards at (tp, pp), one output rank at a time."""
+                   progress: bool = True, allow_non_finite: bool = False) -> mio.CheckpointMeta:
+    """Convert an HF LLaMA directory to Megatron shards at (tp, pp), one output rank at a time. Every tensor is
+    checked for NaN / Inf as it is made (unless allow_non_finite)."""
     check_output_dir(save, overwrite)
     with HFReader(hf_dir) as reader:
         src_dtype = reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32"
@@ -53,7 +56,7 @@ def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 
         with atomic_dir(save, overwrite) as tmp:
             for pp_rank in range(pp):
                 for tp_rank in range(tp):
-                    _write_converted_rank(reader, meta, args, tmp, tp_rank, pp_rank, progress)
+                    _write_converted_rank(reader, meta, args, tmp, tp_rank, pp_rank, progress, allow_non_finite)
             copy_tokenizer_files(Path(hf_dir), tmp)
             mio.write_meta(tmp, meta)
             mio.write_tracker(tmp, "release")
@@ -61,16 +64,34 @@ def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 
 
 
 def _write_converted_rank(reader: HFReader, meta: mio.CheckpointMeta, args, out: Path, tp_rank: int,
-                          pp_rank: int, progress: bool) -> None:
+                          pp_rank: int, progress: bool, allow_non_finite: bool) -> None:
     shape = meta.shape
     n_layers = shape.num_layers // meta.pp
     total = 6 * n_layers + (pp_rank == 0) + 2 * (pp_rank == meta.pp - 1)
     desc = f"rank tp{tp_rank}" + (f" pp{pp_rank}" if meta.pp > 1 else "")
+    sources = {m: h for m, h, _ in stage_tensor_maps(shape.num_layers, meta.pp, pp_rank, shape.tie_word_embeddings)}
     with tqdm(total=total, desc=desc, unit="tensor", disable=not progress, leave=False) as bar:
+        def on_tensor(mkey: str, t: torch.Tensor) -> None:
+            if not allow_non_finite and not is_finite(t):  # checked while the new tensor is still in cache
+                _raise_non_finite_hf(reader, sources[mkey], shape.dtype)
+            bar.update()
+
         sd = hf_to_megatron_rank(lambda k: reader[k], shape, meta.tp, meta.pp, tp_rank, pp_rank,
-                                 meta.padded_vocab_size, TORCH_DTYPE[shape.dtype], meta.te_names,
-                                 on_tensor=lambda _: bar.update())
+                                 meta.padded_vocab_size, TORCH_DTYPE[shape.dtype], meta.te_names, on_tensor=on_tensor)
         mio.save_rank(out, "release", tp_rank, pp_rank, meta.pp, mio.rank_state(sd, args, 0))
+
+
+def _raise_non_finite_hf(reader: HFReader, hf_keys, dtype: str) -> None:
+    """Name the source tensor holding NaN / Inf (rare path: reads the sources whole)."""
+    for key in hf_keys:
+        t = reader[key].full()
+        if not is_finite(t):
+            raise NonFiniteError(f"{reader[key].path}: tensor {key!r} holds non-finite values "
+                                 f"({describe_non_finite(t)}); pass --allow-non-finite to convert it anyway")
+    key = hf_keys[0]
+    raise NonFiniteError(f"{reader[key].path}: tensor {key!r} (or {', '.join(hf_keys[1:]) or 'its siblings'}) "
+                         f"overflows {dtype}: values beyond its range become Inf (convert with --dtype fp32, or "
+                         f"pass --allow-non-finite)")
 
 
 def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
@@ -79,8 +100,10 @@ def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
 
 
 def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False,
-                   progress: bool = True, max_shard_bytes: int = 5 * 2**30) -> mio.CheckpointMeta:
-    """Merge Megatron shards (any TP/PP, even or uneven) into an HF LLaMA directory."""
+                   progress: bool = True, max_shard_bytes: int = 5 * 2**30,
+                   allow_non_finite: bool = False) -> mio.CheckpointMeta:
+    """Merge Megatron shards (any TP/PP, even or uneven) into an HF LLaMA directory. The checkpoint is checked
+    against its meta before anything is written, and every merged tensor for NaN / Inf (unless allowed)."""
     load = Path(load)
     check_output_dir(save, overwrite)
     meta = mio.read_meta(load)
@@ -95,9 +118,28 @@ def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None,
             sds = [mio.load_rank(load, tp_rank, pp_rank, meta, iteration)["model"]
                    for tp_rank in tqdm(range(meta.tp), desc=f"read stage {pp_rank}", disable=not progress,
                                        leave=False)]
-            yield from megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, TORCH_DTYPE[shape.dtype])
+            for key, t in megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, TORCH_DTYPE[shape.dtype]):
+                if not allow_non_finite and not is_finite(t):
+                    _raise_non_finite_mg(load, meta, iteration, pp_rank, sds, key, shape.dtype)
+                yield key, t
 
     with atomic_dir(save, overwrite) as tmp:
         write_hf_checkpoint(tmp, config, tensors(), max_shard_bytes)
         copy_tokenizer_files(load, tmp)
     return meta
+
+
+def _raise_non_finite_mg(load: Path, meta: mio.CheckpointMeta, iteration, pp_rank: int, sds, hf_key: str,
+                         dtype: str) -> None:
+    """Name the rank file whose shard of `hf_key` holds NaN / Inf (rare path)."""
+    s = meta.shape
+    mkey = next(m for m, h, _ in stage_tensor_maps(s.num_layers, meta.pp, pp_rank, s.tie_word_embeddings)
+                if hf_key in h)
+    for tp_rank, sd in enumerate(sds):
+        t = to_local_names(sd)[mkey]
+        if not is_finite(t):
+            path = mio.rank_path(load, iteration, tp_rank, pp_rank, meta.pp)
+            raise NonFiniteError(f"{path}: tensor {mkey!r} holds non-finite values ({describe_non_finite(t)}); "
+                                 f"pass --allow-non-finite to export it anyway")
+    raise NonFiniteError(f"{load}: tensor {hf_key!r} overflows {dtype}: values beyond its range become Inf "
+                         f"(export with --dtype fp32, or pass --allow-non-finite)")

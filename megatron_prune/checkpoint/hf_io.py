@@ -11,11 +11,13 @@ from typing import Iterable, Iterator
 
 import torch
 
+from megatron_prune.checkpoint.keys import hf_expected_shapes
 from megatron_prune.config.shape import LlamaShape, read_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
+SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -81,33 +83,72 @@ class HFReader:
         self._open()
 
     def _open(self) -> None:
-        files = sorted(self.dir.glob("*.safetensors"))
-        if files:
-            for path in files:
-                self._open_safetensors(path)
-            return
-        files = sorted(self.dir.glob("pytorch_model*.bin"))
-        if not files:
-            raise CheckpointError(f"{self.dir}: no *.safetensors or pytorch_model*.bin weights found")
-        for path in files:
-            self._open_bin(path)
+        """With an index, only the files it names are read and each tensor comes from the file it names (a stray
+        extra file cannot shadow a tensor); without one, a tensor name found in two files is an error."""
+        for index, pattern, open_file in ((SAFETENSORS_INDEX, "*.safetensors", self._open_safetensors),
+                                          (BIN_INDEX, "pytorch_model*.bin", self._open_bin)):
+            if (self.dir / index).is_file():
+                return self._open_indexed(self.dir / index, open_file)
+            files = sorted(self.dir.glob(pattern))
+            if files:
+                for path in files:
+                    open_file(path, None)
+                return
+        raise CheckpointError(f"{self.dir}: no *.safetensors or pytorch_model*.bin weights found")
 
-    def _open_safetensors(self, path: Path) -> None:
+    def _open_indexed(self, index: Path, open_file) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index ({type(e).__name__}: {e})") from None
+        for name in files:
+            path = self.dir / name
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names {name}, which does not exist")
+            wanted = {k for k, f in weight_map.items() if f == name}
+            open_file(path, wanted)
+            absent = sorted(k for k in wanted if k not in self._tensors)
+            if absent:
+                raise CheckpointError(f"{path}: lacks {len(absent)} tensors that {index.name} places there, "
+                                      f"e.g. {absent[:2]}")
+
+    def _add(self, key: str, tensor: "LazyTensor", only: set[str] | None) -> None:
+        if only is not None and key not in only:
+            return  # the index places this name in another file: that one is the truth
+        if key in self._tensors:
+            raise CheckpointError(f"{tensor.path}: tensor {key!r} is also in {self._tensors[key].path} (which one "
+                                  f"is meant? remove the stray file or add a {SAFETENSORS_INDEX})")
+        self._tensors[key] = tensor
+
+    def _open_safetensors(self, path: Path, only: set[str] | None) -> None:
         header = _check_safetensors_file(path)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
             dtype = SAFETENSORS_DTYPES.get(meta["dtype"], torch.float32)
-            self._tensors[key] = LazyTensor(lambda idx, key=key: _read_slice(path, key, idx), key, meta["shape"],
-                                            dtype, path)
+            self._add(key, LazyTensor(lambda idx, key=key: _read_slice(path, key, idx), key, meta["shape"], dtype,
+                                      path), only)
 
-    def _open_bin(self, path: Path) -> None:
+    def _open_bin(self, path: Path, only: set[str] | None) -> None:
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load ({e})") from None
         for key, t in sd.items():
-            self._tensors[key] = LazyTensor(lambda idx, t=t: t[idx].clone(), key, t.shape, t.dtype, path)
+            self._add(key, LazyTensor(lambda idx, t=t: t[idx].clone(), key, t.shape, t.dtype, path), only)
+
+    def check_shapes(self) -> None:
+        """Every LLaMA tensor has the shape config.json implies (a hand-edited config must not convert)."""
+        s = self.shape
+        for key, want in hf_expected_shapes(s).items():
+            if key in self._tensors and tuple(self._tensors[key].shape) != want:
+                t = self._tensors[key]
+                raise CheckpointError(
+                    f"{t.path}: tensor {key!r} has shape {list(t.shape)}, but {self.dir / 'config.json'} implies "
+                    f"{list(want)} (hidden={s.hidden_size}, heads={s.num_attention_heads}, kv_heads="
+                    f"{s.num_query_groups}, head_dim={s.kv_channels}, intermediate={s.ffn_hidden_size}, vocab="
+                    f"{s.vocab_size})")
 
     def keys(self) -> list[str]:
         return list(self._tensors)

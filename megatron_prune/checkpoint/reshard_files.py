@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError
 from megatron_prune.checkpoint.keys import stage_extra_state_keys, stage_tensor_maps, to_local_names, to_te_names
@@ -367,9 +368,10 @@ def write_rank_in_memory(out: Path, tp_rank: int, pp_rank: int, plans: list[Tens
 
 # ----------------------------------------------------------------------------- entry point
 def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite: bool = False,
-            progress: bool = True) -> mio.CheckpointMeta:
+            progress: bool = True, allow_non_finite: bool = False) -> mio.CheckpointMeta:
     """Change the TP/PP size of a Megatron checkpoint (even or uneven shards), one output rank at a time.
-    Everything is validated and planned before the first byte is written; the output appears atomically."""
+    Everything is validated and planned before the first byte is written; the output appears atomically.
+    Each written rank is checked for NaN / Inf while its bytes are still in the page cache (unless allowed)."""
     check_output_dir(save, overwrite)
     if Path(load).resolve() == Path(save).resolve():
         raise ValueError(f"--save must differ from --load ({load})")
@@ -386,13 +388,34 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
                 tqdm(total=total, desc="reshard", unit="B", unit_scale=True, disable=not progress) as bar:
             for (tp_rank, pp_rank), rank_plans in plans.items():
                 bar.set_postfix_str(f"rank tp{tp_rank}" + (f" pp{pp_rank}" if pp > 1 else ""))
-                write(tmp, tp_rank, pp_rank, rank_plans, src, dst, args, io, bar)
+                path = write(tmp, tp_rank, pp_rank, rank_plans, src, dst, args, io, bar)
+                if not allow_non_finite:
+                    check_finite_written(path, rank_plans, src, io)
             _copy_root_files(src.root, tmp)
             mio.write_meta(tmp, dst)
             mio.write_tracker(tmp, "release")
     finally:
         torch.set_num_threads(threads)
     return dst
+
+
+def check_finite_written(path: Path, plans: list[TensorPlan], src: SourceCheckpoint, io: _IO) -> None:
+    """Row pieces are copied file to file without passing through this process, so the written rank is read
+    back (mmap; its pages were just written, so no disk read) and summed; a non-finite tensor is traced to the
+    source rank file holding it."""
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    by_key = {p.key: p for p in plans}
+    for key, t in to_local_names(state["model"]).items():
+        if not isinstance(t, torch.Tensor) or is_finite(t):
+            continue
+        plan = by_key[key]
+        for r in plan.sources():
+            ref = src.ref(plan, r)
+            source = read_tensor(ref, io)
+            if not is_finite(source):
+                raise NonFiniteError(f"{ref.path}: tensor {plan.src_key!r} holds non-finite values "
+                                     f"({describe_non_finite(source)}); pass --allow-non-finite to reshard it anyway")
+        raise NonFiniteError(f"{path}: tensor {key!r} holds non-finite values after resharding")
 
 
 def _copy_root_files(src: Path, dst: Path) -> None:

@@ -16,6 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--te-names", action="store_true",
                    help="write Transformer Engine key names (norms fused into linear_qkv / linear_fc1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -25,7 +27,8 @@ def run(args) -> int:
 
     meta = hf_to_megatron(args.hf_dir, args.save, tp=args.tp, pp=args.pp, dtype=args.dtype,
                           divisible_by=args.make_vocab_size_divisible_by, te_names=args.te_names,
-                          overwrite=args.overwrite, progress=not args.no_progress)
+                          overwrite=args.overwrite, progress=not args.no_progress,
+                          allow_non_finite=args.allow_non_finite)
     s = meta.shape
     print(f"wrote {args.save}: tp={meta.tp} pp={meta.pp} dtype={s.dtype} layers={s.num_layers} "
           f"hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} ffn={s.ffn_hidden_size} "

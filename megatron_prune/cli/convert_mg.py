@@ -11,6 +11,8 @@ def add_arguments(p) -> None:
     add_dtype(p, "the checkpoint's dtype")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -19,7 +21,8 @@ def run(args) -> int:
     from megatron_prune.checkpoint.convert_files import megatron_to_hf
 
     meta = megatron_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
-                          progress=not args.no_progress, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+                          progress=not args.no_progress, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                          allow_non_finite=args.allow_non_finite)
     print(f"wrote {args.save}: HF LlamaForCausalLM, {meta.shape.num_params():,} parameters, "
           f"from tp={meta.tp} pp={meta.pp}")
     return 0

@@ -43,6 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--check-only", action="store_true",
                    help="validate everything and print the target shape; no processes, nothing written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary line (rank 0)")
 
@@ -65,7 +67,8 @@ def build_config(args):
                         micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
     return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance,
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
-                       overwrite=args.overwrite, progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       allow_non_finite=args.allow_non_finite)
 
 
 def _shape_line(s) -> str:

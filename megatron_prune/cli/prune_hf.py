@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save", required=True, help="output HF directory (must not exist or be empty)")
     add_dtype(p, "the HF config's dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -29,6 +31,7 @@ def run(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
     shape = prune_hf(args.hf_dir, plan, args.save, dtype=args.dtype, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress,
+                     allow_non_finite=args.allow_non_finite)
     print(f"wrote {args.save}: {plan.summary()} dtype={shape.dtype}")
     return 0

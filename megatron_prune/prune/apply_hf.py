@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
 from megatron_prune.checkpoint.keys import hf_expected_keys
 from megatron_prune.config.shape import LlamaShape, canonical_dtype
@@ -74,8 +75,9 @@ def prune_hf_tensors(get: Getter, plan: PrunePlan) -> Iterator[tuple[str, torch.
 
 
 def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str | None = None,
-             overwrite: bool = False, progress: bool = True) -> LlamaShape:
-    """Prune an HF directory by `plan` into `save` (atomic); returns the pruned shape."""
+             overwrite: bool = False, progress: bool = True, allow_non_finite: bool = False) -> LlamaShape:
+    """Prune an HF directory by `plan` into `save` (atomic); returns the pruned shape. Source tensors holding
+    NaN / Inf are refused as they are read (unless allow_non_finite)."""
     check_output_dir(save, overwrite)
     with HFReader(hf_dir) as reader:
         plan.check_source(reader.shape, "HF model")
@@ -83,17 +85,29 @@ def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str |
                    if k not in reader]
         if missing:
             raise CheckpointError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        reader.check_shapes()
         src_dtype = canonical_dtype(reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32")
         shape = target_shape(plan, reader.shape).replace(dtype=canonical_dtype(dtype or src_dtype))
         config = shape.to_hf_config(reader.config)
         cast = TORCH_DTYPE[shape.dtype]
         total = 3 + 9 * shape.num_layers - shape.tie_word_embeddings
 
+        def get(key: str) -> torch.Tensor:
+            t = reader[key][:]
+            if not allow_non_finite and not is_finite(t):
+                raise NonFiniteError(f"{reader[key].path}: tensor {key!r} holds non-finite values "
+                                     f"({describe_non_finite(t)}); pass --allow-non-finite to prune it anyway")
+            return t
+
         def tensors():
             with tqdm(total=total, desc="prune-hf", unit="tensor", disable=not progress, leave=False) as bar:
-                for key, t in prune_hf_tensors(lambda k: reader[k][:], plan):
+                for key, t in prune_hf_tensors(get, plan):
                     bar.update()
-                    yield key, t.to(cast)
+                    t = t.to(cast)
+                    if not allow_non_finite and not is_finite(t):  # finite sources: the cast overflowed
+                        raise NonFiniteError(f"{hf_dir}: pruned tensor {key!r} overflows {shape.dtype} (pass "
+                                             f"--dtype fp32, or --allow-non-finite)")
+                    yield key, t
 
         with atomic_dir(save, overwrite) as tmp:
             write_hf_checkpoint(tmp, config, tensors())

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import check_output_dir
+from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
 from megatron_prune.config.shape import LlamaShape
@@ -60,6 +61,7 @@ class PruneConfig:
     mode: str | None = None             # with `plan`: override the plan's mode (global accepts uneven shards)
     overwrite: bool = False
     progress: bool = True
+    allow_non_finite: bool = False      # else pruned tensors holding NaN / Inf are refused before writing
 
     def __post_init__(self) -> None:
         if (self.target is None) == (self.plan is None):
@@ -234,12 +236,26 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     new_meta = pruned_meta(meta, plan, source=str(Path(cfg.load).resolve()), tp=meta.tp)
     times["apply"] = time.perf_counter() - t0 - times["plan"]
     args = mio.megatron_args(new_meta)
-    write_distributed(cfg, rank, lambda tmp: mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0)),
-                      lambda tmp: _finalize(tmp, cfg, new_meta, plan))
+    source = mio.rank_path(Path(cfg.load), prep.iteration, rank, 0, 1)
+
+    def write_rank(tmp: Path) -> None:
+        if not cfg.allow_non_finite:
+            check_finite_state(source, sd)
+        mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0))
+
+    write_distributed(cfg, rank, write_rank, lambda tmp: _finalize(tmp, cfg, new_meta, plan))
     times["total"] = time.perf_counter() - t0
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return PruneResult(plan=plan, meta=new_meta, seconds=times, peak_rss=rss)
+
+
+def check_finite_state(source: Path, sd: dict) -> None:
+    """Pruned tensors (in memory, just made) holding NaN / Inf: named with the source rank file."""
+    for key, t in sd.items():
+        if isinstance(t, torch.Tensor) and not is_finite(t):
+            raise NonFiniteError(f"{source}: tensor {key!r} (after pruning) holds non-finite values "
+                                 f"({describe_non_finite(t)}); pass --allow-non-finite to prune it anyway")
 
 
 def _finalize(tmp: Path, cfg: PruneConfig, meta: mio.CheckpointMeta, plan: PrunePlan) -> None:
