@@ -82,16 +82,16 @@ def _write_converted_rank(reader: HFReader, meta: mio.CheckpointMeta, args, out:
 
 
 def _raise_non_finite_hf(reader: HFReader, hf_keys, dtype: str) -> None:
-    """Name the source tensor holding NaN / Inf (rare path: reads the sources whole)."""
+    """Name the source tensor holding NaN / Inf, or overflowing the output dtype (rare path: reads it whole)."""
     for key in hf_keys:
         t = reader[key].full()
         if not is_finite(t):
             raise NonFiniteError(f"{reader[key].path}: tensor {key!r} holds non-finite values "
                                  f"({describe_non_finite(t)}); pass --allow-non-finite to convert it anyway")
-    key = hf_keys[0]
-    raise NonFiniteError(f"{reader[key].path}: tensor {key!r} (or {', '.join(hf_keys[1:]) or 'its siblings'}) "
-                         f"overflows {dtype}: values beyond its range become Inf (convert with --dtype fp32, or "
-                         f"pass --allow-non-finite)")
+        if not is_finite(t.to(TORCH_DTYPE[dtype])):
+            raise NonFiniteError(f"{reader[key].path}: tensor {key!r} overflows {dtype}: values beyond its range "
+                                 f"become Inf (convert with --dtype fp32, or pass --allow-non-finite)")
+    raise NonFiniteError(f"{reader[hf_keys[0]].path}: tensor {hf_keys[0]!r} gives non-finite values")
 
 
 def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
