@@ -6,7 +6,7 @@ The metadata (`megatron_prune.json`, or Megatron-LM's args) is trusted only once
   files without one are accepted, their folder name is the truth);
 - each stage holds exactly the layers the metadata implies (an edited `num_layers` would drop or invent layers);
 - each tensor has the shape the metadata implies for its TP rank, computed by the layout's own split functions
-  on meta-device tensors (checkpoint.layout owns the rules; nothing is re-derived here).
+  on thin stand-ins (checkpoint.layout owns the rules; nothing is re-derived here).
 
 Also the finite check (NaN / Inf) used while tensors are copied: a sum is one cheap pass that propagates any
 non-finite value; only when it is not finite are the elements looked at (a sum may overflow on finite data).
@@ -56,12 +56,24 @@ def check_rank_record(path: Path, state: Mapping[str, Any], tp_rank: int, pp_ran
 
 
 # ----------------------------------------------------------------------------- expected shapes
-def _meta_tensors(shape) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in hf_expected_shapes(shape).items()}
+def _full_shapes(shape) -> dict[str, tuple[int, ...]]:
+    return hf_expected_shapes(shape)
 
 
-def _split_shape(kind: str, hf_keys, full: dict[str, torch.Tensor], tp: int, rank: int, shape, padded: int):
-    return tuple(split_tensor(kind, [full[k] for k in hf_keys], tp, rank, shape, padded).shape)
+def _thin(full: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A stand-in for an HF tensor with only the split dim at full size (the other is 1): the layout's split
+    functions run on it in microseconds and a few KiB (meta-device tensors would import torch._dynamo, ~1 s)."""
+    if len(full) == 1:
+        return torch.empty(full)
+    return torch.empty(1, full[1]) if kind == "row" else torch.empty(full[0], 1)
+
+
+def _split_shape(kind: str, hf_keys, full: dict[str, tuple[int, ...]], tp: int, rank: int, shape, padded: int):
+    out = split_tensor(kind, [_thin(full[k], kind) for k in hf_keys], tp, rank, shape, padded).shape
+    first = full[hf_keys[0]]
+    if len(first) == 1:
+        return tuple(out)
+    return (first[0], out[1]) if kind == "row" else (out[0], first[1])
 
 
 def _uneven_layer_shape(meta: "CheckpointMeta", layer: int, tp_rank: int):
@@ -77,7 +89,7 @@ def expected_rank_shapes(meta: "CheckpointMeta", tp_rank: int, pp_rank: int) -> 
     """{local-spec key: shape} of every tensor of rank (tp_rank, pp_rank), as the metadata implies it (None: an
     uneven shard whose shape is not checked)."""
     s = meta.shape
-    full = _meta_tensors(s)
+    full = _full_shapes(s)
     out: dict[str, tuple[int, ...] | None] = {}
     layers = stage_layers(s.num_layers, meta.pp, pp_rank)
     per_layer: dict[int, Any] = {}
@@ -87,7 +99,7 @@ def expected_rank_shapes(meta: "CheckpointMeta", tp_rank: int, pp_rank: int) -> 
             layer = layers[int(m.group(1))]
             if layer not in per_layer:
                 ls = _uneven_layer_shape(meta, layer, tp_rank)
-                per_layer[layer] = (ls, _meta_tensors(ls)) if ls else None
+                per_layer[layer] = (ls, _full_shapes(ls)) if ls else None
             if per_layer[layer] is None:
                 out[mkey] = None
                 continue

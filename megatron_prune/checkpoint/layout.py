@@ -77,9 +77,7 @@ def split_vocab(full: Sliceable, tp: int, rank: int, padded: int) -> torch.Tenso
     n = _even(padded, tp, "padded vocab")
     lo, hi = rank * n, (rank + 1) * n
     real = full[lo:min(hi, true_vocab)] if lo < true_vocab else None
-    # on the source's device: meta-device inputs give the shard's shape without data (checkpoint.consistency)
-    device = real.device if real is not None else getattr(full, "device", None)
-    out = torch.zeros((n, *full.shape[1:]), dtype=_dtype_of(full, real), device=device)
+    out = torch.zeros((n, *full.shape[1:]), dtype=_dtype_of(full, real))
     if real is not None:
         out[: real.shape[0]] = real
     return out

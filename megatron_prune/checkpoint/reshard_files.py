@@ -399,23 +399,45 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
     return dst
 
 
+CHECK_CHUNK = 4 << 20  # bytes per read-back block of the finite check
+
+
 def check_finite_written(path: Path, plans: list[TensorPlan], src: SourceCheckpoint, io: _IO) -> None:
     """Row pieces are copied file to file without passing through this process, so the written rank is read
-    back (mmap; its pages were just written, so no disk read) and summed; a non-finite tensor is traced to the
-    source rank file holding it."""
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    back (its pages were just written: no disk read) a block at a time into a reusable buffer and summed; a
+    non-finite tensor is traced to the source rank file holding it."""
+    _, written = read_refs(path)
     by_key = {p.key: p for p in plans}
-    for key, t in to_local_names(state["model"]).items():
-        if not isinstance(t, torch.Tensor) or is_finite(t):
-            continue
-        plan = by_key[key]
-        for r in plan.sources():
-            ref = src.ref(plan, r)
-            source = read_tensor(ref, io)
-            if not is_finite(source):
-                raise NonFiniteError(f"{ref.path}: tensor {plan.src_key!r} holds non-finite values "
-                                     f"({describe_non_finite(source)}); pass --allow-non-finite to reshard it anyway")
-        raise NonFiniteError(f"{path}: tensor {key!r} holds non-finite values after resharding")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for key, ref in written.items():
+            if not _finite_on_disk(fd, ref, io):
+                _raise_non_finite_source(by_key[key], src, io, path)
+    finally:
+        os.close(fd)
+
+
+def _finite_on_disk(fd: int, ref: TensorRef, io: _IO) -> bool:
+    if not ref.dtype.is_floating_point:
+        return True
+    step = max(1, CHECK_CHUNK // ref.dtype.itemsize)
+    n = math.prod(ref.shape)
+    for start in range(0, n, step):
+        block = io.buffer("check", (min(step, n - start),), ref.dtype)
+        _pread_into(fd, [_as_bytes(block)], ref.offset + start * ref.dtype.itemsize, ref.path)
+        if not is_finite(block):
+            return False
+    return True
+
+
+def _raise_non_finite_source(plan: TensorPlan, src: SourceCheckpoint, io: _IO, written: Path) -> None:
+    for r in plan.sources():
+        ref = src.ref(plan, r)
+        source = read_tensor(ref, io)
+        if not is_finite(source):
+            raise NonFiniteError(f"{ref.path}: tensor {plan.src_key!r} holds non-finite values "
+                                 f"({describe_non_finite(source)}); pass --allow-non-finite to reshard it anyway")
+    raise NonFiniteError(f"{written}: tensor {plan.key!r} holds non-finite values after resharding")
 
 
 def _copy_root_files(src: Path, dst: Path) -> None:
