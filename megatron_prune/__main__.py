@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import sys
 
+from megatron_prune.cli.common import user_errors
+
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert hf-to-megatron": ("megatron_prune.cli.convert_hf", "HF LLaMA directory -> TP/PP Megatron shards"),
@@ -52,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             parser = argparse.ArgumentParser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
             module.add_arguments(parser)
             args = parser.parse_args(argv[words:])
-            return int(module.run(args) or 0)
+            return int(user_errors(module.run)(args) or 0)
+    group = {n: v for n, v in cmds.items() if argv and n.split()[0] == argv[0] and " " in n}
+    if group:  # "convert --help" (or "convert" alone): list that command's subcommands
+        asked = argv[1:2] in (["-h"], ["--help"])
+        if not asked:
+            print(f"error: {argv[0]} needs one of its subcommands\n", file=sys.stderr)
+        print(_usage(group).replace("SUBCOMMAND", f"{argv[0]} SUBCOMMAND", 1), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if argv and argv[0] not in ("-h", "--help"):
         print(f"error: unknown subcommand {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_usage(cmds), file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
+from megatron_prune.errors import InputError
 
 
 class Sliceable(Protocol):
@@ -28,7 +29,7 @@ class Sliceable(Protocol):
 
 def _even(n: int, tp: int, what: str) -> int:
     if n % tp:
-        raise ValueError(f"{what} {n} not divisible by TP {tp}")
+        raise InputError(f"{what} {n} not divisible by TP {tp}")
     return n // tp
 
 
@@ -64,7 +65,7 @@ def merge_replicated(shards: Sequence[torch.Tensor]) -> torch.Tensor:
     first = shards[0]
     for i, s in enumerate(shards[1:], start=1):
         if s.shape != first.shape or not torch.equal(s, first):
-            raise ValueError(f"replicated tensor differs between TP rank 0 and rank {i}")
+            raise InputError(f"replicated tensor differs between TP rank 0 and rank {i}")
     return first
 
 
@@ -73,7 +74,7 @@ def split_vocab(full: Sliceable, tp: int, rank: int, padded: int) -> torch.Tenso
     """Rows [r*P/tp, (r+1)*P/tp) of the zero-padded [P, hidden] table; P = padded vocab size."""
     true_vocab = full.shape[0]
     if padded < true_vocab:
-        raise ValueError(f"padded vocab {padded} smaller than true vocab {true_vocab}")
+        raise InputError(f"padded vocab {padded} smaller than true vocab {true_vocab}")
     n = _even(padded, tp, "padded vocab")
     lo, hi = rank * n, (rank + 1) * n
     real = full[lo:min(hi, true_vocab)] if lo < true_vocab else None
@@ -87,7 +88,7 @@ def merge_vocab(shards: Sequence[torch.Tensor], true_vocab: int) -> torch.Tensor
     """Inverse of split_vocab: concatenate and drop the padding rows."""
     full = torch.cat(list(shards), dim=0)
     if full.shape[0] < true_vocab:
-        raise ValueError(f"vocab shards hold {full.shape[0]} rows, fewer than the true vocab {true_vocab}")
+        raise InputError(f"vocab shards hold {full.shape[0]} rows, fewer than the true vocab {true_vocab}")
     return full[:true_vocab]  # a contiguous prefix view: no copy needed
 
 
@@ -105,7 +106,7 @@ def split_qkv(q: Sliceable, k: Sliceable, v: Sliceable, tp: int, rank: int, num_
     gpr = _even(g, tp, "query groups")
     hpg = q.shape[0] // (g * d)
     if hpg * g * d != q.shape[0] or k.shape[0] != g * d or v.shape[0] != g * d:
-        raise ValueError(f"q/k/v rows {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not match "
+        raise InputError(f"q/k/v rows {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not match "
                          f"groups={g}, kv_channels={d}")
     g0, g1 = rank * gpr, (rank + 1) * gpr
     hidden = q.shape[1]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_prune.checkpoint.atomic import atomic_write_text
+from megatron_prune.checkpoint.atomic import atomic_file, atomic_write_text
 from megatron_prune.checkpoint.hf_io import CheckpointError
 from megatron_prune.config.shape import LlamaShape
 
@@ -115,23 +115,25 @@ def crc32_wanted() -> bool:
 
 
 def save_rank(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int, state: dict[str, Any]) -> Path:
-    """Write one rank file atomically (temp sibling + rename)."""
+    """Write one rank file atomically (temp sibling, fsync, rename)."""
     path = rank_path(root, iteration, tp_rank, pp_rank, pp)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if crc32_wanted():
-        torch.save(state, tmp)
-    else:
-        from torch.utils.serialization import config
+    return atomic_file(path, lambda tmp: torch_save(state, tmp))
 
-        previous = config.save.compute_crc32
-        config.save.compute_crc32 = False
-        try:
-            torch.save(state, tmp)
-        finally:
-            config.save.compute_crc32 = previous
-    os.replace(tmp, path)
-    return path
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save without zip CRC32s unless they are wanted (see crc32_wanted)."""
+    if crc32_wanted():
+        torch.save(obj, path)
+        return
+    from torch.utils.serialization import config
+
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save(obj, path)
+    finally:
+        config.save.compute_crc32 = previous
 
 
 def rank_state(model_sd: dict[str, Any], args: argparse.Namespace, iteration: int) -> dict[str, Any]:

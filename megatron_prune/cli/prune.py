@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from megatron_prune.cli.common import USER_ERRORS
+from megatron_prune.errors import InputError
+from megatron_prune.cli.common import user_error_message
 
 
 def add_arguments(p) -> None:
@@ -54,7 +55,7 @@ def build_config(args):
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
              args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers)
     if args.plan and any(v is not None for v in sizes):
-        raise ValueError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
+        raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
     target = None
     if not args.plan:
         target = PruneTarget(hidden_size=args.hidden_size_remain, num_attention_heads=args.num_attention_heads_remain,
@@ -78,9 +79,12 @@ def run(args) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         return _run(args, rank0)
-    except USER_ERRORS as e:
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
         if rank0:
-            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -29,6 +29,6 @@ def run(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
     shape = prune_hf(args.hf_dir, plan, args.save, dtype=args.dtype, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, plan_path=args.plan)
     print(f"wrote {args.save}: {plan.summary()} dtype={shape.dtype}")
     return 0

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 
-from megatron_prune.cli.common import USER_ERRORS
+from megatron_prune.cli.common import user_error_message
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
 HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -131,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingAborted as e:
         _say(f"error: {e}")
         return 1
-    except USER_ERRORS as e:
-        _say(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        _say(f"error: {msg}")
         return 2
     _say(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""))
     return 0

@@ -11,12 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from megatron_prune.errors import UserError
+
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class ShapeError(ValueError):
+class ShapeError(UserError, ValueError):
     """A model shape (or shape + parallel layout) that cannot work; the message names every factor."""
 
 

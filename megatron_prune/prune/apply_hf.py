@@ -13,10 +13,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
 from megatron_prune.checkpoint.keys import hf_expected_keys
-from megatron_prune.config.shape import LlamaShape, canonical_dtype
+from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape, canonical_dtype
 from megatron_prune.prune.apply import take, target_shape
 from megatron_prune.prune.plan import LayerPlan, PrunePlan
 
@@ -74,9 +74,9 @@ def prune_hf_tensors(get: Getter, plan: PrunePlan) -> Iterator[tuple[str, torch.
 
 
 def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str | None = None,
-             overwrite: bool = False, progress: bool = True) -> LlamaShape:
+             overwrite: bool = False, progress: bool = True, plan_path: str | Path | None = None) -> LlamaShape:
     """Prune an HF directory by `plan` into `save` (atomic); returns the pruned shape."""
-    check_output_dir(save, overwrite)
+    check_output_dir(save, overwrite, inputs={"--hf-dir": hf_dir, "--plan": plan_path})
     with HFReader(hf_dir) as reader:
         plan.check_source(reader.shape, "HF model")
         missing = [k for k in hf_expected_keys(reader.shape.num_layers, reader.shape.tie_word_embeddings)
@@ -88,6 +88,7 @@ def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str |
         config = shape.to_hf_config(reader.config)
         cast = TORCH_DTYPE[shape.dtype]
         total = 3 + 9 * shape.num_layers - shape.tie_word_embeddings
+        check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
 
         def tensors():
             with tqdm(total=total, desc="prune-hf", unit="tensor", disable=not progress, leave=False) as bar:

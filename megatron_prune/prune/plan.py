@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from megatron_prune.errors import UserError
 from megatron_prune.config.shape import LlamaShape
 
 SCHEMA_VERSION = 1
@@ -26,7 +27,7 @@ STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_head
              "kv_channels", "vocab_size", "tie_word_embeddings")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan that is inconsistent, or that does not fit a checkpoint / TP size; the message names every factor."""
 
 
@@ -181,7 +182,7 @@ class PrunePlan:
     def load(cls, path: str | Path) -> "PrunePlan":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such plan file")
+            raise PlanError(f"{path}: no such plan file")
         try:
             return cls.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError as e:

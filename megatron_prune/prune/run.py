@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.atomic import check_output_dir
+from megatron_prune.checkpoint.atomic import check_free_space, check_output_dir, temp_name
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
-from megatron_prune.config.shape import LlamaShape
+from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
 from megatron_prune.prune.select import PruneTarget
@@ -45,7 +46,7 @@ class CalibConfig:
     def __post_init__(self) -> None:
         for name in ("samples", "seq_length", "micro_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,14 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if (self.target is None) == (self.plan is None):
-            raise ValueError("give either target sizes or --plan FILE (not both)")
+            raise InputError("give either target sizes or --plan FILE (not both)")
         if self.importance not in METHODS[:3]:
-            raise ValueError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+            raise InputError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+
+    def inputs(self) -> dict[str, str | None]:
+        """Every path this run reads (the output must not overlap any of them)."""
+        return {"--load": self.load, "--plan": self.plan, "--calib-data": self.calib.data,
+                "--tokenizer": self.calib.tokenizer}
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,7 @@ def check(cfg: PruneConfig) -> Prepared:
                               f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
     if meta.rank_sizes:
         raise CheckpointError(f"{load}: shards are uneven (global-mode pruning); reshard it before pruning again")
-    if Path(cfg.save).resolve() == load.resolve():
-        raise ValueError(f"--save {cfg.save} is the input checkpoint; write the pruned one elsewhere")
-    check_output_dir(cfg.save, cfg.overwrite)
+    check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
     plan = None
     if cfg.plan:
         plan = PrunePlan.load(cfg.plan)
@@ -112,6 +116,7 @@ def check(cfg: PruneConfig) -> Prepared:
                             "--drop-layers; magnitude importance has no layer scores")
         if cfg.importance == "activation":
             _calib_source(cfg)
+    check_free_space(Path(cfg.save).parent, target.num_params() * DTYPE_BYTES[target.dtype], cfg.save)
     return Prepared(meta=meta, iteration=iteration, target=target, plan=plan)
 
 
@@ -124,7 +129,7 @@ def _calib_source(cfg: PruneConfig) -> tuple[str, Path]:
         return "indexed", Path(prefix)
     if Path(data).is_file():
         return "text", Path(data)
-    raise FileNotFoundError(f"--calib-data {data}: neither a text/jsonl file nor an indexed dataset prefix "
+    raise InputError(f"--calib-data {data}: neither a text/jsonl file nor an indexed dataset prefix "
                             f"(PREFIX.bin + PREFIX.idx)")
 
 
@@ -150,7 +155,7 @@ def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict
         windows = read_windows(str(path), c.tokenizer or cfg.load, c.seq_length, want)
     windows = windows[: c.samples]
     if int(windows.max()) >= vocab:
-        raise ValueError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
+        raise InputError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
                          f"dataset does not belong to this model")
     digest = hashlib.sha256(windows.numpy().astype("int64").tobytes()).hexdigest()
     return windows, {"source": str(path), "kind": kind, "samples": len(windows), "seq_length": c.seq_length,
@@ -218,7 +223,7 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     init_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != meta.tp:
-        raise ValueError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
+        raise InputError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
                          f"(torchrun --nproc-per-node {meta.tp})")
     times = {}
     t0 = time.perf_counter()
@@ -261,10 +266,10 @@ def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None
     """Atomic multi-process write: temp dir (rank 0) -> every rank's file -> all ok? -> rank 0 finalizes and
     renames. Any failure on any rank removes the temp dir and raises on every rank; nothing is left at --save."""
     save = Path(cfg.save).resolve()
-    tmp = save.parent / f".{save.name}.tmp-{os.getpid()}"
+    tmp = save.parent / temp_name(save.name)
 
     def make_tmp() -> None:
-        check_output_dir(save, cfg.overwrite)
+        check_output_dir(save, cfg.overwrite, inputs=cfg.inputs())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 

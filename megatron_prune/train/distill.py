@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron_prune.errors import InputError
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -73,7 +74,7 @@ def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Without `tp_rank`, the TP group and rank are megatron-core's for this process; with `tp_rank` given, the
     logits are this rank's slice and `tp_group` the group to reduce over (None: a single rank)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+        raise InputError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ (same vocabulary and TP size required)")
     if tp_rank is None:
         from megatron.core import parallel_state as ps

@@ -20,6 +20,7 @@ from typing import Any, Iterator, TextIO
 import torch
 import torch.distributed as dist
 
+from megatron_prune.errors import UserError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.train import checkpointing as ckpt
 from megatron_prune.train.config import ConfigError, TrainConfig
@@ -27,7 +28,7 @@ from megatron_prune.train.data import BatchPlan, DataSplits, build_datasets, che
 from megatron_prune.train.metrics import IntervalStats, MetricsWriter, default_peak_tflops, train_flops_per_token
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 

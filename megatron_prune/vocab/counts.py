@@ -16,13 +16,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megatron_prune.errors import UserError
 from megatron_prune.checkpoint.atomic import atomic_write_text
 
 COUNTS_FORMAT = "megatron_prune.vocab_counts/1"
 BATCH_BYTES = 1 << 20  # documents are sent to workers in ~1 MB batches
 
 
-class CountsError(ValueError):
+class CountsError(UserError, ValueError):
     """A counts file that is invalid or does not belong to the tokenizer; the message says which."""
 
 

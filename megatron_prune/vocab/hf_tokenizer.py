@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
+from megatron_prune.errors import UserError
 from megatron_prune.vocab.slice import VocabMap
 
 
-class HFTokenizerError(ValueError):
+class HFTokenizerError(UserError, ValueError):
     """A tokenizer.json this module cannot prune; the message says why."""
 
 

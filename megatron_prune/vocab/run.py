@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
 from megatron_prune.checkpoint.convert_files import check_rank_files
@@ -52,7 +53,7 @@ def plan_vocab(source: TokenizerSource, counts: TokenCounts, keep: int, extra_ke
     extra = set(extra_keep)
     bad = sorted(i for i in extra if not 0 <= i < size)
     if bad:
-        raise ValueError(f"the checkpoint's configs name token ids {bad[:5]} outside the tokenizer's {size} ids")
+        raise InputError(f"the checkpoint's configs name token ids {bad[:5]} outside the tokenizer's {size} ids")
     always = source.always_keep() | extra
     top = top_ids(counts.counts, keep, always)
     chosen = always | set(top)
@@ -93,11 +94,9 @@ def _write_files(dst: Path, files: dict[str, bytes]) -> None:
 def prune_vocab(counts: str | Path, keep: int, tokenizer: str | Path, save: str | Path, load: str | Path | None = None,
                 hf_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> PruneVocabResult:
     if load is not None and hf_dir is not None:
-        raise ValueError("give either --load (Megatron checkpoint) or --hf-dir (HF checkpoint), not both")
-    check_output_dir(save, overwrite)
-    for src in (load, hf_dir):
-        if src is not None and Path(src).resolve() == Path(save).resolve():
-            raise ValueError(f"--save must differ from the source ({src})")
+        raise InputError("give either --load (Megatron checkpoint) or --hf-dir (HF checkpoint), not both")
+    check_output_dir(save, overwrite, inputs={"--load": load, "--hf-dir": hf_dir, "--tokenizer": tokenizer,
+                                              "--counts": counts})
     source = TokenizerSource.read(tokenizer)
     fingerprint = source.fingerprint()
     token_counts = read_counts(counts)
@@ -178,7 +177,7 @@ def _write_stage(load: Path, out: Path, meta: mio.CheckpointMeta, new_meta: mio.
     keys = stage_vocab_keys(meta.pp, pp_rank, meta.shape.tie_word_embeddings)
     try:
         sds = slice_stage([s["model"] for s in states], vmap, meta.shape.vocab_size, new_meta.padded_vocab_size, keys)
-    except KeyError as e:
+    except InputError as e:
         raise CheckpointError(f"{load}: pipeline stage {pp_rank}: {e.args[0]}") from None
     for tp_rank, (state, sd) in enumerate(zip(states, sds)):
         args = _pruned_args(state.get("args"), new_meta)

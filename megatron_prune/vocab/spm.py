@@ -15,6 +15,8 @@ pieces), but the unknown-piece penalty follows the lowest remaining score, so ra
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Sequence
+from megatron_prune.errors import UserError
+
 
 if TYPE_CHECKING:
     from sentencepiece.sentencepiece_model_pb2 import ModelProto
@@ -24,7 +26,7 @@ ALWAYS_KEPT_TYPES = (UNKNOWN, CONTROL, USER_DEFINED, BYTE)
 UNIGRAM, BPE = 1, 2
 
 
-class SpmError(ValueError):
+class SpmError(UserError, ValueError):
     """A SentencePiece model that cannot be read or pruned."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from megatron_prune.errors import UserError
 from megatron_prune.vocab import hf_tokenizer, spm
 from megatron_prune.vocab.slice import VocabMap, config_token_ids, remap_config_ids
 
@@ -23,7 +24,7 @@ SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.
 STALE_FILES = ("vocab.json", "merges.txt")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError, ValueError):
     """A tokenizer path that cannot be read or pruned; the message names it."""
 
 
