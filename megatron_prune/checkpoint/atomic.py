@@ -245,6 +245,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` into a temporary sibling, fsync, rename to `path`, fsync the directory. On failure the
     partial file is removed and the error is a one-line WriteError when the environment caused it."""
     path = Path(path)
+    remove_stale_temps(path)  # e.g. a rank file of a training run killed while saving this iteration
     tmp = path.with_name(temp_name(path.name))
     try:
         with translate_write_errors(path):
