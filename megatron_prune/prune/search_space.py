@@ -37,7 +37,7 @@ WINDOW = 0.95  # candidates keep between WINDOW * budget and budget parameters
 
 
 class BudgetError(UserError, ValueError):
-    """A parameter budget that cannot be parsed or met; ValueError too, so the CLIs' current catch sees it."""
+    """A parameter budget that cannot be parsed or met (a ValueError too, like the other domain errors)."""
 
 
 @dataclass(frozen=True)
