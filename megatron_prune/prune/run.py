@@ -1,6 +1,7 @@
 """The distributed pruner: one process per TP rank (torchrun), PP=1.
 
     check(cfg)             every user error, in one process, before any work (the CLI's --check-only)
+    search_shapes(...)     `--target-params`: candidate shapes for a parameter budget, in one process
     prune_checkpoint(cfg)  on every rank: load the shard (mmap), make or read the plan, check that every rank
                            holds the same plan, apply it, write (each rank its file into a temp dir, barrier,
                            rank 0 writes plan + meta + tracker last and renames)
@@ -29,6 +30,7 @@ from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_file
 from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
+from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
 from megatron_prune.prune.select import PruneTarget
 
 PLAN_FILE = "prune_plan.json"
@@ -90,9 +92,9 @@ class PruneResult:
     peak_rss: list[int]   # bytes, per TP rank
 
 
-def check(cfg: PruneConfig) -> Prepared:
-    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
-    load = Path(cfg.load)
+def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
+    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards."""
+    load = Path(load)
     meta = mio.read_meta(load)
     iteration = mio.read_tracker(load)
     check_rank_files(load, meta, iteration)
@@ -101,6 +103,24 @@ def check(cfg: PruneConfig) -> Prepared:
                               f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
     if meta.rank_sizes:
         raise CheckpointError(f"{load}: shards are uneven (global-mode pruning); reshard it before pruning again")
+    return meta, iteration
+
+
+def search_shapes(load: str | Path, target_params: str, limits: SearchLimits
+                  ) -> tuple[mio.CheckpointMeta, int, list[Candidate]]:
+    """(meta, budget, candidate shapes) for `--target-params`, single process, no tensors read."""
+    meta, _ = check_input(load)
+    budget = parse_budget(target_params, meta.shape.num_params())
+    try:
+        return meta, budget, search(meta.shape, meta.tp, budget, limits)
+    except BudgetError as e:
+        raise BudgetError(f"{load}: {e}") from None
+
+
+def check(cfg: PruneConfig) -> Prepared:
+    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
+    load = Path(cfg.load)
+    meta, iteration = check_input(load)
     check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
     plan = None
     if cfg.plan:

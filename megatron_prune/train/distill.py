@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from megatron_prune.errors import InputError
 
+from megatron_prune.checkpoint.layout import vocab_keep_mask  # noqa: F401  (the padded-vocab rule; re-exported)
+
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -59,12 +61,6 @@ class _VocabParallelKL(torch.autograd.Function):
         p_s, p_t = ctx.saved_tensors
         grad = (p_s - p_t) * (ctx.temperature * grad_kl.unsqueeze(-1))
         return grad, None, None, None, None
-
-
-def vocab_keep_mask(v_local: int, tp_rank: int, true_vocab: int, device=None) -> torch.Tensor:
-    """True for the real (unpadded) vocabulary entries of this TP rank's logit slice."""
-    start = tp_rank * v_local
-    return torch.arange(start, start + v_local, device=device) < true_vocab
 
 
 def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, true_vocab: int,
