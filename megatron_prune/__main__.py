@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_prune.cli.train", "recovery training on megatron-core (torchrun)"),
     "plot": ("megatron_prune.cli.plot", "draw loss-vs-tokens curves from metrics.jsonl files"),
     "vocab-freq": ("megatron_prune.cli.vocab_freq", "count token frequencies of a corpus"),
-    "prune-vocab": ("megatron_prune.cli.prune_vocab", "keep the N most frequent tokens: tokenizer + embeddings"),
+    "prune-vocab": ("megatron_prune.cli.prune_vocab", "prune to an N-token vocabulary: tokenizer + embeddings"),
 }
 
 

@@ -9,7 +9,7 @@ from megatron_prune.cli.common import user_errors
 def add_arguments(p) -> None:
     p.add_argument("--counts", required=True, help="counts file from `vocab-freq` (same tokenizer)")
     size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--keep", type=int,
+    size.add_argument("--keep", type=int, metavar="N",
                       help="final vocabulary size N (before Megatron's padding): special, unknown, byte-fallback and "
                            "config-named tokens count inside it, the rest is filled with the most frequent tokens "
                            "together with the pieces they are merged through")

@@ -88,7 +88,7 @@ def top_ids(counts: Sequence[int], keep: int, exclude: Iterable[int]) -> list[in
     excluded = set(exclude)
     candidates = [i for i in range(len(counts)) if i not in excluded]
     if not 1 <= keep <= len(candidates):
-        raise CountsError(f"--keep {keep} must be between 1 and the {len(candidates)} prunable tokens of the "
+        raise CountsError(f"--keep-min {keep} must be between 1 and the {len(candidates)} prunable tokens of the "
                           f"vocabulary ({len(counts)} ids, of which {len(excluded)} are always kept: special, "
                           "byte-fallback and config-named tokens)")
     candidates.sort(key=lambda i: (-counts[i], i))

@@ -369,23 +369,27 @@ def test_keep_is_the_final_vocabulary_size_and_text_round_trips(toks, tmp_path, 
             assert new_rt(t) == old_rt(t)
 
 
-def test_minimum_budget_is_the_specials_bytes_and_space(toks, tmp_path):
-    """The smallest --keep for a byte-fallback SentencePiece BPE model, counted with sentencepiece: control, unknown
-    and byte pieces plus "▁" (without it, a dropped space would decode as a literal "▁"). One less is refused."""
+@pytest.mark.parametrize("kind", ["spm-bpe", "llama2-json"])
+def test_minimum_budget_is_the_specials_bytes_and_space(toks, tmp_path, kind):
+    """The smallest --keep for a byte-fallback BPE model, counted with sentencepiece: control, unknown and byte
+    pieces plus "▁" (without it, a dropped space decodes as a literal "▁", in sentencepiece and in the LLaMA-2
+    tokenizer.json decoder alike). One less is refused; at the minimum, text still round-trips."""
     import sentencepiece
 
-    tok = toks["spm-bpe"]
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tok))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(toks["spm-bpe"]))
     minimum = sum(1 for i in range(sp.get_piece_size())
                   if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.id_to_piece(i) == "\u2581")
+    tok, out_name = {"spm-bpe": (toks["spm-bpe"], "tokenizer.model"),
+                     "llama2-json": (toks["llama2-dir"] / "tokenizer.json", "tokenizer.json")}[kind]
     counts = make_counts(tok, tmp_path / "c.json")
     with pytest.raises(UserError, match=f"use --keep {minimum} or more"):
         prune_vocab(counts, minimum - 1, tok, tmp_path / "too-small", progress=False)
     res = prune_vocab(counts, minimum, tok, tmp_path / "out", progress=False)
-    new = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
-    assert res.vmap.new_size == new.get_piece_size() == minimum == 260
-    for t in texts("heldout.jsonl")[:5] + [DROPPED_TEXT]:  # everything is bytes now, and still lossless
-        assert new.decode(new.encode(t)) == t
+    _, old_rt = _reference_roundtrip(kind, tok)
+    new_size, new_rt = _reference_roundtrip(kind, tmp_path / "out" / out_name)
+    assert res.vmap.new_size == new_size == minimum == 260
+    for t in texts("heldout.jsonl")[:5] + [DROPPED_TEXT, "a b  c"]:  # everything is bytes now, and still lossless
+        assert new_rt(t) == old_rt(t)
 
 
 def test_budget_skips_a_token_whose_intermediates_do_not_fit():
