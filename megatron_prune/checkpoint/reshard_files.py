@@ -64,12 +64,7 @@ def _storage_offset(t: torch.Tensor) -> int | None:
 
 def read_refs(path: Path) -> tuple[dict, dict[str, TensorRef]]:
     """(rank state without "model", {local key: TensorRef}) of one rank file, reading no tensor data."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing rank file")
-    try:
-        state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    state = mio.load_rank_file(path, map_location="meta", mmap=False)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a Megatron rank file (no 'model' state dict)")
     size, refs = path.stat().st_size, {}
