@@ -63,7 +63,7 @@ def rank_files(root: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
-def check_against_checkpoint(root: Path, flags: dict[str, list[str]]) -> None:
+def check_against_checkpoint(root: Path, flags: dict[str, list[str]], tokenizer: Path | None = None) -> None:
     assert set(flags) <= MEGATRON_LM_FLAGS, set(flags) - MEGATRON_LM_FLAGS
     shape = json.loads((root / "megatron_prune.json").read_text())["shape"]
     ranks = rank_files(root)
@@ -105,7 +105,8 @@ def check_against_checkpoint(root: Path, flags: dict[str, list[str]]) -> None:
     assert one("--transformer-impl") == ("local" if local else "transformer_engine")
     assert ("--no-persist-layer-norm" in flags) == local
     assert one("--tokenizer-type") == "HuggingFaceTokenizer"
-    assert Path(one("--tokenizer-model")) == root.resolve() and (root / "tokenizer.json").is_file()
+    tokenizer = (tokenizer or root).resolve()
+    assert Path(one("--tokenizer-model")) == tokenizer and (tokenizer / "tokenizer.json").is_file()
     assert one("--ckpt-format") == "torch" and Path(one("--load")) == root.resolve()
     assert {"--use-checkpoint-args", "--no-load-optim", "--no-load-rng"} <= set(flags)
 
