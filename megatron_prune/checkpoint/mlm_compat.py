@@ -35,6 +35,8 @@ SAFE_GLOBAL_NAMES = (
     "megatron.core.dist_checkpointing.validation:StrictHandling",
     "megatron.core.rerun_state_machine:RerunMode",
     "megatron.core.rerun_state_machine:RerunDiagnostic",
+    # --pipeline-model-parallel-layout is stored as this plain object (its state: strings, ints, LayerType lists)
+    "megatron.core.transformer.pipeline_parallel_layer_layout:PipelineParallelLayerLayout",
 )
 
 

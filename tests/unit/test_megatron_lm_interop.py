@@ -131,12 +131,14 @@ def _enum_args(args):
     from megatron.core.enums import Fp8Recipe
     from megatron.core.enums import ModelType as CoreModelType
     from megatron.core.transformer.enums import AttnBackend, AttnMaskType, ModelType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
     args.attention_backend = AttnBackend.auto
     args.model_type = ModelType.encoder_or_decoder
     args.core_model_type = CoreModelType.encoder_or_decoder
     args.fp8_recipe = Fp8Recipe.delayed
     args.attn_mask_type = AttnMaskType.causal
+    args.pipeline_model_parallel_layout = PipelineParallelLayerLayout([["embedding", "decoder"], ["decoder", "loss"]], 2)
     return args
 
 
@@ -151,6 +153,7 @@ def test_rank_file_with_megatron_core_enums_loads(tmp_path):
 
     state = mio.load_rank(tmp_path / "mg", 1, 0)
     assert state["args"].attention_backend is AttnBackend.auto
+    assert state["args"].pipeline_model_parallel_layout.pipeline_model_parallel_size == 2
     megatron_to_hf(tmp_path / "mg", tmp_path / "back", progress=False)  # every rank file, through our loader
 
 
