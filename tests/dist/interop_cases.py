@@ -21,11 +21,12 @@ def _hf_to_mcore_tp1(hf: dict, cfg: dict) -> dict:
         qkv = [torch.cat([q[g * per * d:(g + 1) * per * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]])
                for g in range(groups)]
         m = f"decoder.layers.{i}."
+        fc1 = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
         sd.update({m + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
                    m + "self_attention.linear_qkv.weight": torch.cat(qkv),
                    m + "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
                    m + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
-                   m + "mlp.linear_fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
+                   m + "mlp.linear_fc1.weight": fc1,
                    m + "mlp.linear_fc2.weight": hf[p + "mlp.down_proj.weight"]})
     return sd
 

@@ -138,7 +138,8 @@ def _enum_args(args):
     args.core_model_type = CoreModelType.encoder_or_decoder
     args.fp8_recipe = Fp8Recipe.delayed
     args.attn_mask_type = AttnMaskType.causal
-    args.pipeline_model_parallel_layout = PipelineParallelLayerLayout([["embedding", "decoder"], ["decoder", "loss"]], 2)
+    layout = [["embedding", "decoder"], ["decoder", "loss"]]
+    args.pipeline_model_parallel_layout = PipelineParallelLayerLayout(layout, 2)
     return args
 
 
