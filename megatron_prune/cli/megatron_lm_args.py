@@ -23,10 +23,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from megatron_prune.checkpoint.mlm_command import format_flags, pretrain_gpt_flags, tokenizer_padding_problem
 
+    from megatron_prune.data.tokenizers import TokenizerError
+
     flags = pretrain_gpt_flags(args.load, args.tokenizer)
     print(format_flags(flags, one_line=args.one_line))
     tokenizer_model = next(f[1] for f in flags if f[0] == "--tokenizer-model")
-    problem = tokenizer_padding_problem(args.load, tokenizer_model)
+    try:
+        problem = tokenizer_padding_problem(args.load, tokenizer_model)
+    except TokenizerError as e:  # the flags stand; only the size check could not run
+        problem = f"could not check the tokenizer's size against the embedding: {e}"
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
     return 0

@@ -188,3 +188,11 @@ def test_uneven_shards_refused(converted, capsys, tmp_path):
     (tmp_path / "uneven/megatron_prune.json").write_text(json.dumps(meta))
     rc, _, err = run_cli(capsys, "--load", str(tmp_path / "uneven"))
     assert rc == 2 and "uneven shards" in err and "reshard" in err
+
+
+def test_unreadable_tokenizer_only_warns(converted, capsys, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok/tokenizer.json").write_text("{}")
+    rc, out, err = run_cli(capsys, "--load", str(converted / "tp2pp2"), "--tokenizer", str(tmp_path / "tok"))
+    assert rc == 0 and parse_flags(out)["--tokenizer-model"] == [str((tmp_path / "tok").resolve())]
+    assert err.startswith("warning: could not check the tokenizer's size") and err.count("\n") == 1
