@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ TARGET_PYTHON = "3.12"
 # glibc 2.28 or older (pip does not expand a --platform to older manylinux tags itself)
 TARGET_PLATFORMS = [f"manylinux_2_{m}_x86_64" for m in range(28, 16, -1)] + ["manylinux2014_x86_64"]
 MANIFEST = "manifest.txt"
+# GPU_PROOF_ALLOW_CPU=1: a rehearsal of every stage on a CPU machine (small sizes; CUDA comparisons left out)
+ALLOW_CPU = os.environ.get("GPU_PROOF_ALLOW_CPU") == "1"
 # TinyLlama-1.1B's shape (HF config fields)
 BIG = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
@@ -59,7 +62,7 @@ def task_env(args: argparse.Namespace) -> int:
     except Exception as e:  # TE is optional: the TE stage is skipped, with the reason
         out.update(te_ok=False, transformer_engine=f"{type(e).__name__}: {e}"[:160])
     print(json.dumps(out))
-    return 0 if out["cuda_available"] else 1
+    return 0 if out["cuda_available"] or ALLOW_CPU else 1
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -140,19 +143,23 @@ def task_parity(args: argparse.Namespace) -> int:
     work = Path(args.work)
     hf = LlamaForCausalLM.from_pretrained(work / "tiny-hf", dtype=torch.float32).eval()
     tokens = random_tokens(hf.config.vocab_size, batch=2, seq=65)
-    with torch.no_grad():
-        hf_cpu = hf(tokens[:, :-1]).logits
-        hf_cuda = hf.cuda()(tokens[:, :-1].cuda()).logits.cpu()
     case = {"cases": [{"name": "tiny", "ckpt": str(work / "tiny-mg"), "tp": 1, "pp": 1, "tokens": tokens.tolist()}]}
-    ours_cuda = run_distributed(1, "tests.dist.cases:logits", case)[0]["tiny"]["logits"].float().cpu()
-    ours_cpu = run_distributed(1, "tests.dist.cases:logits", case, env={"CUDA_VISIBLE_DEVICES": ""}
-                               )[0]["tiny"]["logits"].float().cpu()
-    diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
-    out = {"ours_cuda_vs_hf_cuda": diff(ours_cuda, hf_cuda), "ours_cuda_vs_ours_cpu": diff(ours_cuda, ours_cpu),
-           "ours_cpu_vs_hf_cpu": diff(ours_cpu, hf_cpu), "hf_cuda_vs_hf_cpu": diff(hf_cuda, hf_cpu),
-           "tolerance": args.tol, "logits_shape": list(ours_cuda.shape)}
-    out["pass"] = all(out[k] <= args.tol for k in ("ours_cuda_vs_hf_cuda", "ours_cuda_vs_ours_cpu",
-                                                   "ours_cpu_vs_hf_cpu"))
+
+    def ours(env: dict) -> torch.Tensor:  # megatron-core in its own process (CUDA hidden: the CPU path)
+        return run_distributed(1, "tests.dist.cases:logits", case, env=env)[0]["tiny"]["logits"].float().cpu()
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+        return (a - b).abs().max().item()
+
+    with torch.no_grad():
+        logits = {"hf_cpu": hf(tokens[:, :-1]).logits, "ours_cpu": ours({"CUDA_VISIBLE_DEVICES": ""})}
+        if torch.cuda.is_available() or not ALLOW_CPU:
+            logits["hf_cuda"] = hf.cuda()(tokens[:, :-1].cuda()).logits.cpu()
+            logits["ours_cuda"] = ours({})
+    pairs = [("ours_cuda", "hf_cuda"), ("ours_cuda", "ours_cpu"), ("ours_cpu", "hf_cpu"), ("hf_cuda", "hf_cpu")]
+    out = {f"{a}_vs_{b}": diff(logits[a], logits[b]) for a, b in pairs if a in logits and b in logits}
+    out["pass"] = all(v <= args.tol for k, v in out.items() if k.startswith("ours"))
+    out.update(tolerance=args.tol, logits_shape=list(logits["ours_cpu"].shape))
     print(json.dumps(out))
     return 0 if out["pass"] else 1
 
@@ -235,7 +242,8 @@ def check_wheels(folder: Path) -> list[str]:
 
 
 def _usable(tag) -> bool:
-    py_ok = tag.interpreter in ("py3", "py2.py3", "cp312") or (tag.abi == "abi3" and tag.interpreter <= "cp312")
+    minor = int(tag.interpreter[3:]) if tag.interpreter.startswith("cp3") else None  # cp38 -> 8 (not a string order)
+    py_ok = tag.interpreter in ("py3", "cp312") or (tag.abi == "abi3" and minor is not None and minor <= 12)
     return py_ok and (tag.platform == "any" or (tag.platform.startswith("manylinux") and
                                                 tag.platform.endswith("x86_64")))
 

@@ -53,7 +53,9 @@ def _wheel_folder(path: Path, files: list[str], listed: list[str]) -> Path:
 
 
 GOOD = ["megatron_prune-0.1.0-py3-none-any.whl", "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl",
-        "transformers-5.24.0-py3-none-any.whl", "safetensors-0.8.0-cp310-abi3-manylinux2014_x86_64.whl"]
+        "transformers-5.24.0-py3-none-any.whl", "safetensors-0.8.0-cp310-abi3-manylinux2014_x86_64.whl",
+        "psutil-7.2.2-cp36-abi3-manylinux2010_x86_64.manylinux_2_12_x86_64.manylinux_2_28_x86_64.whl",
+        "defusedxml-0.7.1-py2.py3-none-any.whl"]
 
 
 def test_wheel_check_accepts_a_complete_folder(tmp_path):
@@ -72,7 +74,8 @@ def test_wheel_check_names_missing_and_unusable_wheels(tmp_path):
 
 def test_wheel_check_without_manifest(tmp_path):
     (tmp_path / "w").mkdir()
-    assert tasks.check_wheels(tmp_path / "w") == [f"{tmp_path / 'w' / tasks.MANIFEST}: missing (rerun `make gpu-wheels`)"]
+    manifest = tmp_path / "w" / tasks.MANIFEST
+    assert tasks.check_wheels(tmp_path / "w") == [f"{manifest}: missing (rerun `make gpu-wheels`)"]
 
 
 @pytest.mark.parametrize("name,bundled", [("torch", True), ("triton", True), ("nvidia-cublas", True),
@@ -107,3 +110,15 @@ def test_train_accepts_use_te():
     cfg = cli.build_config(p.parse_args(["--load", "x", "--data-path", "d", "--train-iters", "1", "--use-te"]))
     assert cfg.use_te is True
     assert cli.build_config(p.parse_args(["--load", "x", "--data-path", "d", "--train-iters", "1"])).use_te is False
+
+
+@pytest.mark.parametrize("device,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                         ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                         ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                         ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0),
+                                         ("NVIDIA GeForce RTX 4090", None)])
+def test_bf16_peak_by_device_name(device, peak):
+    """Dense bf16 peaks from the vendors' data sheets (the MFU denominator)."""
+    from megatron_prune.train.metrics import peak_tflops_for
+
+    assert peak_tflops_for(device) == peak
