@@ -82,7 +82,8 @@ def plan(opts: argparse.Namespace) -> list[Stage]:
     train = dict(seq=opts.seq_length, mbs=opts.micro_batch_size, gbs=opts.global_batch_size, iters=opts.steps)
     train_numbers = lambda name: (lambda out, w: summarize_training(w / f"{name}.jsonl", opts.warmup))  # noqa: E731
     return [
-        Stage("install", [py, "-m", "pip", "install", "--no-index", "--find-links", str(opts.wheels),
+        # -I: neither the checkout (cwd, PYTHONPATH) nor its egg-info may pass for an installed megatron_prune
+        Stage("install", [py, "-I", "-m", "pip", "install", "--no-index", "--find-links", str(opts.wheels),
                           "megatron_prune"], 180),
         Stage("env", [py, me, "env"], 90, ("install",), numbers=lambda out, w: last_json(out)),
         Stage("models", [py, me, "make-models", "--work", str(work), "--layers", str(layers)], 120, ("env",),

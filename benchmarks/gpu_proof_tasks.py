@@ -270,7 +270,7 @@ def check_command(argv: list[str]) -> str | None:
         except SystemExit as e:
             return f"{argv[2]}: arguments rejected (exit {e.code})"
         return None
-    if argv[1:4] == ["-m", "pip", "install"]:
+    if argv[1:5] == ["-I", "-m", "pip", "install"]:
         return None  # what it installs is covered by the wheels check
     return f"no parse check for {shlex.join(argv[:3])}"
 
