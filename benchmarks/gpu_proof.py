@@ -203,7 +203,7 @@ def _numbers(st: Stage, out: str, work: Path) -> dict:
         return {"numbers_error": f"{type(e).__name__}: {e}"[:200]}
 
 
-def run_all(opts: argparse.Namespace) -> int:
+def run_all(opts: argparse.Namespace, stages: list[Stage]) -> int:
     t0 = float(os.environ.get("GPU_PROOF_T0", time.time()))
     out_file, work = Path(opts.out), Path(opts.work)
     logs = out_file.parent / "logs"
@@ -212,10 +212,10 @@ def run_all(opts: argparse.Namespace) -> int:
     header = {"command": shlex.join(["bash", "benchmarks/gpu_proof.sh", *opts.argv]), "budget": opts.budget_s,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed": 0.0}
     outcomes: list[Outcome] = []
-    status: dict[str, str] = {}
-    for st in plan(opts):
-        missing = [n for n in st.needs if status.get(n) != "ok"]
-        te = outcomes[1].numbers.get("te_ok") if len(outcomes) > 1 else None
+    for st in stages:
+        done = {o.name: o for o in outcomes}
+        missing = [n for n in st.needs if n not in done or done[n].status != "ok"]
+        te = "env" in done and done["env"].numbers.get("te_ok")
         if missing:
             o = Outcome(st.name, "skipped", command=shlex.join(st.argv), note=f"needs {', '.join(missing)}")
         elif st.requires_te and not te:
@@ -223,7 +223,6 @@ def run_all(opts: argparse.Namespace) -> int:
         else:
             print(f"[gpu_proof] {st.name} ...", flush=True)
             o = run_stage(st, opts.budget_s - (time.time() - t0), logs, work)
-        status[st.name] = o.status
         outcomes.append(o)
         header["elapsed"] = time.time() - t0
         out_file.write_text(render(outcomes, header))
@@ -265,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.argv = argv
     if opts.dry_run:
         return dry_run(opts, plan(opts))
-    return run_all(opts)
+    return run_all(opts, plan(opts))
 
 
 if __name__ == "__main__":

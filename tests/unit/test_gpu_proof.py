@@ -122,3 +122,30 @@ def test_bf16_peak_by_device_name(device, peak):
     from megatron_prune.train.metrics import peak_tflops_for
 
     assert peak_tflops_for(device) == peak
+
+
+def test_run_records_failures_skips_dependents_and_writes_one_results_file(tmp_path):
+    """The runner itself, on stand-in stages: numbers from a JSON line, a failure with its log tail, a stage
+    skipped because it needs the failed one, the TE stage skipped without TE, exit code 1."""
+    import argparse
+
+    import gpu_proof as kit
+
+    py = sys.executable
+    say = lambda obj: [py, "-c", f"import json; print(json.dumps({obj!r}))"]  # noqa: E731
+    stages = [kit.Stage("env", say({"te_ok": False}), 30, numbers=lambda o, w: kit.last_json(o)),
+              kit.Stage("bad", [py, "-c", "import sys; sys.exit('broken on purpose')"], 30),
+              kit.Stage("after-bad", [py, "-c", "pass"], 30, needs=("bad",)),
+              kit.Stage("te", [py, "-c", "pass"], 30, requires_te=True),
+              kit.Stage("fine", say({"x": 1.5}), 30, needs=("env",), numbers=lambda o, w: kit.last_json(o))]
+    out = tmp_path / "out" / "results.md"
+    opts = argparse.Namespace(out=str(out), work=str(tmp_path / "work"), budget_s=300, argv=["--x"])
+    assert kit.run_all(opts, stages) == 1
+    text = out.read_text()
+    assert "| bad | failed |" in text and "exit 1: broken on purpose" in text
+    assert "| after-bad | skipped | 0.0 | needs bad |" in text
+    assert f"| te | skipped | 0.0 | {kit.NO_TE} |" in text
+    assert "| fine | ok |" in text and "x 1.5" in text
+    raw = json.loads(text.split("```json")[1].split("```")[0])
+    assert [s["status"] for s in raw["stages"]] == ["ok", "failed", "skipped", "skipped", "ok"]
+    assert "broken on purpose" in (out.parent / "logs" / "bad.log").read_text()
