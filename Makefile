@@ -42,12 +42,14 @@ COMPAT_TESTS ?= tests/unit tests/dist/test_parity.py tests/dist/test_train_dist.
 
 compat-install: $(COMPAT_VENV)/.installed
 
+# Our package first, then COMPAT_SPEC upgraded to the newest releases even past our pin (pip then prints the
+# conflict): the lane shows when the megatron-core bound in pyproject.toml can move.
 $(COMPAT_VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 (not on PATH, not in ~/.pyenv/versions/3.12*): set PYTHON312=/path/to/python3.12" >&2; exit 2; }
 	test -x $(COMPAT_PY) || $(PYTHON312) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) --upgrade pip
-	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) --upgrade $(COMPAT_SPEC)
 	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) -e ".[test,zst,demo]"
+	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) --upgrade $(COMPAT_SPEC)
 	-$(COMPAT_PY) tools/install_punkt.py
 	$(COMPAT_PY) -m pip list 2>/dev/null | grep -iE '^(torch|megatron-core|transformers) '
 	touch $@
