@@ -27,6 +27,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "pp": ("pipeline-parallel size", ("--pipeline-model-parallel-size",)),
     "sequence_parallel": ("sequence parallelism (with tp > 1)", ()),
     "use_distributed_optimizer": ("shard optimizer state over data-parallel ranks", ()),
+    "use_te": ("build Transformer Engine layers (GPU with transformer_engine only); checkpoints then use TE names",
+               ()),
     "micro_batch_size": ("sequences per micro-batch per data-parallel rank", ()),
     "global_batch_size": ("sequences per iteration over all data-parallel ranks", ()),
     "seq_length": ("tokens per sequence", ()),

@@ -38,6 +38,7 @@ class TrainConfig:
     pp: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    use_te: bool = False                 # Transformer Engine layers (GPU with transformer_engine only)
     # --- batch and length of training
     micro_batch_size: int = 1
     global_batch_size: int = 8
