@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import re
 import sys
 
 from megatron_prune.cli.common import user_errors
@@ -27,6 +29,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "megatron-lm-args": ("megatron_prune.cli.megatron_lm_args",
                          "print the Megatron-LM pretrain_gpt.py flags that load a checkpoint as the model it is"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line `error: ...` with exit code 2, like every other user error. The shell entry points
+    (scripts/lib/env.sh) export which variable sets which flag, MEGATRON_PRUNE_ENV_FLAGS="--save=SAVE ...", so a
+    missing or bad flag is named with its variable: `--save (or SAVE)`."""
+
+    def error(self, message: str):
+        for pair in os.environ.get("MEGATRON_PRUNE_ENV_FLAGS", "").split():
+            flag, _, var = pair.partition("=")
+            message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"{flag} (or {var})", message)
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -53,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         name = " ".join(argv[:words])
         if len(argv) >= words and name in cmds:
             module = importlib.import_module(cmds[name][0])
-            parser = argparse.ArgumentParser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
+            parser = _Parser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
             module.add_arguments(parser)
             args = parser.parse_args(argv[words:])
             return int(user_errors(module.run)(args) or 0)

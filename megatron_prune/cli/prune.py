@@ -18,6 +18,9 @@ from megatron_prune.cli.common import user_error_message
 def add_arguments(p) -> None:
     p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="the checkpoint's TP size = the number of processes; checked against --load (default: "
+                        "--load's)")
     g = p.add_argument_group("target (omitted sizes are kept)")
     g.add_argument("--hidden-size-remain", type=int, help="hidden channels to keep")
     g.add_argument("--num-attention-heads-remain", type=int, help="query heads to keep")
@@ -149,6 +152,9 @@ def _run(args, rank0: bool) -> int:
     cfg = build_config(args)
     if args.check_only:
         prep = check(cfg)
+        if args.tp is not None and args.tp != prep.meta.tp:
+            raise InputError(f"--tp {args.tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
+                             f"process per TP rank of its input (reshard it first to change TP)")
         print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
         warning = hf_config_warning(prep.target)
         if warning:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from megatron_prune.cli.common import user_error_message
+from megatron_prune.errors import UserError
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
 HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -96,14 +97,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"same as --precision {name}")
 
 
-def build_config(args: argparse.Namespace):
-    """TrainConfig from defaults < --config file < explicit command-line options."""
-    from megatron_prune.train.config import TrainConfig, read_config_file
+def _settings(args: argparse.Namespace) -> dict:
+    """--config file < explicit command-line options (TrainConfig's defaults fill in the rest)."""
+    from megatron_prune.train.config import read_config_file
 
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
-    return TrainConfig.from_mapping(values, source=args.config or "arguments")
+    return values
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from defaults < --config file < explicit command-line options."""
+    from megatron_prune.train.config import TrainConfig
+
+    return TrainConfig.from_mapping(_settings(args), source=args.config or "arguments")
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def default_nproc(argv: list[str]) -> int:
+    """Processes per node when scripts/train_recovery.sh gets no NPROC: the node's GPUs when CUDA is present,
+    else tp x pp from the arguments or --config (one data-parallel rank). Arguments that cannot be read give 1:
+    the training run itself then reports them in one line."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    parser = _RaisingParser(add_help=False)
+    add_arguments(parser)
+    try:
+        values = _settings(parser.parse_known_args(argv)[0])
+        return max(1, int(values.get("tp", 1)) * int(values.get("pp", 1)))
+    except (ValueError, TypeError, OSError, UserError):
+        return 1
 
 
 def _say(msg: str) -> None:
