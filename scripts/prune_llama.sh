@@ -51,13 +51,13 @@ mp_flag --plan PLAN
 
 # Every user error (a missing --load, a wrong --tp, a bad size) is caught here, in one process, before torchrun
 # starts TP workers.
-"$PYTHON" -m megatron_prune prune "${MP_FLAGS[@]}" "$@" --check-only
-nproc=$(mp_last --tp "${MP_FLAGS[@]}" "$@")
+"$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@" --check-only
+nproc=$(mp_last --tp ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
 if [[ -z "$nproc" ]]; then  # the check passed, so --load is a readable checkpoint
-  load=$(mp_last --load "${MP_FLAGS[@]}" "$@")
+  load=$(mp_last --load ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
   nproc=$("$PYTHON" -c 'import sys; from megatron_prune.checkpoint.megatron_io import read_meta
 print(read_meta(sys.argv[1]).tp)' "$load") || { echo "error: give --tp / TP (cannot read the TP size of $load)" >&2
                                                exit 2; }
 fi
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-  -m megatron_prune prune "${MP_FLAGS[@]}" "$@"
+  -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -20,4 +20,4 @@ mp_flag --save SAVE
 TP=${TP:-1}  # this script's default; `reshard` itself requires --tp
 mp_flag --tp TP
 mp_flag --pp PP
-exec "$PYTHON" -m megatron_prune reshard "${MP_FLAGS[@]}" "$@"
+exec "$PYTHON" -m megatron_prune reshard ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -29,4 +29,4 @@ mp_flag --json-key JSON_KEY
 mp_flag --workers WORKERS
 mp_switch split-sentences SPLIT_SENTENCES
 mp_switch append-eod APPEND_EOD 1
-exec "$PYTHON" -m megatron_prune preprocess "${MP_FLAGS[@]}" "$@"
+exec "$PYTHON" -m megatron_prune preprocess ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -5,7 +5,8 @@
 #             repository root first, so a script runs the code of the checkout it lives in.
 #   MP_FLAGS  command-line flags made from environment variables (mp_flag, mp_list, mp_switch). A script places
 #             them BEFORE the user's arguments: argparse keeps the last value of a flag, so a flag given on the
-#             command line wins over its variable. Required inputs are checked once, by the Python CLI.
+#             command line wins over its variable. Required inputs are checked once, by the Python CLI. Scripts
+#             expand it as ${MP_FLAGS[@]+"${MP_FLAGS[@]}"}: bash < 4.4 calls an empty array unbound under set -u.
 #   mp_help   `--help`: the script's header comment, then the CLI's own help.
 
 MP_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)
