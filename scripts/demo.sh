@@ -9,9 +9,9 @@
 #   --out  OUT     working directory              [demo_out]
 #          PYTHON  Python interpreter             [the repository's .venv, else python3]
 #
-# Example: bash scripts/demo.sh --quick        (4-6 minutes on 2 cores; the full run about 13)
+# Example: bash scripts/demo.sh --quick        (about 3 minutes on 2 cores; the full run about 13)
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
 mp_help "$0" "-m megatron_prune.demo" "$@"
 mp_flag --out OUT
-exec "$PYTHON" -m megatron_prune.demo "${MP_FLAGS[@]}" "$@"
+exec "$PYTHON" -m megatron_prune.demo ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"
