@@ -6,7 +6,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo demo-quick bench clean
+.PHONY: install test test-all demo demo-quick bench clean compat-install test-compat gpu-wheels gpu-proof-dry-run
 
 install: $(VENV)/.installed
 
@@ -30,5 +30,41 @@ demo: install
 demo-quick: install
 	PYTHON=$(PY) bash scripts/demo.sh --quick
 
+# --- Compatibility lane: Python 3.12, the newest torch pip resolves, the newest megatron-core (README) ---
+COMPAT_VENV  ?= .venv-compat
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+# python3.12 on PATH if it runs (a pyenv shim may not), else the newest ~/.pyenv/versions/3.12.*
+PYTHON312    ?= $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -1); do \
+                  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { command -v $$p; break; }; done)
+COMPAT_SPEC  ?= torch megatron-core
+COMPAT_PIP_FLAGS ?= -q --progress-bar off
+COMPAT_TESTS ?= tests/unit tests/dist/test_parity.py tests/dist/test_train_dist.py tests/dist/test_prune_dist.py
+
+compat-install: $(COMPAT_VENV)/.installed
+
+# Our package first, then COMPAT_SPEC upgraded to the newest releases even past our pin (pip then prints the
+# conflict): the lane shows when the megatron-core bound in pyproject.toml can move.
+$(COMPAT_VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 (not on PATH, not in ~/.pyenv/versions/3.12*): set PYTHON312=/path/to/python3.12" >&2; exit 2; }
+	test -x $(COMPAT_PY) || $(PYTHON312) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) --upgrade pip
+	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) -e ".[test,zst,demo]"
+	$(COMPAT_PY) -m pip install $(COMPAT_PIP_FLAGS) --upgrade $(COMPAT_SPEC)
+	-$(COMPAT_PY) tools/install_punkt.py
+	$(COMPAT_PY) -m pip list 2>/dev/null | grep -iE '^(torch|megatron-core|transformers) '
+	touch $@
+
+test-compat: compat-install
+	$(COMPAT_PY) -m pytest -m "not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+# --- GPU proof kit (README): wheels a bare Python 3.12 GPU machine lacks, then one command there ---
+GPU_WHEELS ?= benchmarks/gpu_wheels
+
+gpu-wheels: install
+	$(PY) benchmarks/gpu_proof.py gather-wheels --dest $(GPU_WHEELS)
+
+gpu-proof-dry-run: install
+	PYTHON=$(PY) WHEELS=$(GPU_WHEELS) bash benchmarks/gpu_proof.sh --dry-run
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) demo_out .pytest_cache

@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import re
 import sys
+
+from megatron_prune.cli.common import user_errors
 
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -21,8 +25,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_prune.cli.train", "recovery training on megatron-core (torchrun)"),
     "plot": ("megatron_prune.cli.plot", "draw loss-vs-tokens curves from metrics.jsonl files"),
     "vocab-freq": ("megatron_prune.cli.vocab_freq", "count token frequencies of a corpus"),
-    "prune-vocab": ("megatron_prune.cli.prune_vocab", "keep the N most frequent tokens: tokenizer + embeddings"),
+    "prune-vocab": ("megatron_prune.cli.prune_vocab", "prune to an N-token vocabulary: tokenizer + embeddings"),
+    "megatron-lm-args": ("megatron_prune.cli.megatron_lm_args",
+                         "print the Megatron-LM pretrain_gpt.py flags that load a checkpoint as the model it is"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line `error: ...` with exit code 2, like every other user error. The shell entry points
+    (scripts/lib/env.sh) export which variable sets which flag, MEGATRON_PRUNE_ENV_FLAGS="--save=SAVE ...", so a
+    missing or bad flag is named with its variable: `--save (or SAVE)`."""
+
+    def error(self, message: str):
+        for pair in os.environ.get("MEGATRON_PRUNE_ENV_FLAGS", "").split():
+            flag, _, var = pair.partition("=")
+            message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"{flag} (or {var})", message)
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -49,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         name = " ".join(argv[:words])
         if len(argv) >= words and name in cmds:
             module = importlib.import_module(cmds[name][0])
-            parser = argparse.ArgumentParser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
+            parser = _Parser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
             module.add_arguments(parser)
             args = parser.parse_args(argv[words:])
-            return int(module.run(args) or 0)
+            return int(user_errors(module.run)(args) or 0)
+    group = {n: v for n, v in cmds.items() if argv and n.split()[0] == argv[0] and " " in n}
+    if group:  # "convert --help" (or "convert" alone): list that command's subcommands
+        asked = argv[1:2] in (["-h"], ["--help"])
+        if not asked:
+            print(f"error: {argv[0]} needs one of its subcommands\n", file=sys.stderr)
+        print(_usage(group).replace("SUBCOMMAND", f"{argv[0]} SUBCOMMAND", 1), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if argv and argv[0] not in ("-h", "--help"):
         print(f"error: unknown subcommand {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_usage(cmds), file=sys.stderr)

@@ -13,3 +13,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+class InputError(UserError, ValueError):
+    """Invalid input that belongs to no narrower domain error (an argument, a data file)."""

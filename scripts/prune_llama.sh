@@ -1,57 +1,63 @@
 #!/usr/bin/env bash
 # Prune a TP-sharded (PP=1) Megatron LLaMA checkpoint: one process per TP rank under torchrun.
-# Writes pruned shards plus SAVE/prune_plan.json (re-apply with PLAN=..., or to HF with `prune-hf`).
+# Writes pruned shards plus SAVE/prune_plan.json (re-apply with --plan / PLAN, or to HF with `prune-hf`).
 #
-# Environment (defaults in brackets; an empty size keeps the source's size):
-#   LOAD                        input Megatron checkpoint (required)
-#   SAVE                        output directory (required; must not exist or be empty)
-#   TP                          processes = the checkpoint's TP size   [read from LOAD/megatron_prune.json]
-#   HIDDEN_SIZE_REMAIN          hidden channels to keep                []
-#   NUM_ATTENTION_HEADS_REMAIN  query heads to keep                    []
-#   NUM_QUERY_GROUPS_REMAIN     query groups (KV heads) to keep        [MHA stays MHA; GQA keeps its groups]
-#   FFN_HIDDEN_SIZE_REMAIN      FFN channels to keep                   []
-#   NUM_LAYERS_REMAIN           layers to keep, chosen by Block Influence (IMPORTANCE=activation)   []
-#   DROP_LAYERS                 layer ids to drop, 0-based, e.g. 7,13,18,24                          []
-#   PRUNE_TYPE                  balance (equal shards) | global (best over all ranks, uneven shards) [balance]
-#   IMPORTANCE                  random | magnitude | activation        [random]
-#   CALIB_DATA                  text/jsonl file or indexed dataset prefix [the shipped English sample]
-#   CALIB_SAMPLES               calibration sequences                  [64]
-#   SEED                        random plan seed                       [1234]
-#   PLAN                        re-apply this prune_plan.json instead of making a plan   []
-#   PYTHON                      Python interpreter                     [python3]
+# Flag / Environment variable (a flag wins over its variable; an empty size keeps the
+# source's size). Other arguments go to `python -m megatron_prune prune` (options below), e.g. --overwrite.
+#   --load                        LOAD                        input Megatron checkpoint            [required]
+#   --save                        SAVE                        output directory (must not exist or be empty) [required]
+#   --tp                          TP                          processes = the checkpoint's TP size
+#                                                             [read from the --load checkpoint]
+#   --hidden-size-remain          HIDDEN_SIZE_REMAIN          hidden channels to keep                []
+#   --num-attention-heads-remain  NUM_ATTENTION_HEADS_REMAIN  query heads to keep                    []
+#   --num-query-groups-remain     NUM_QUERY_GROUPS_REMAIN     query groups (KV heads) to keep
+#                                                             [MHA stays MHA; GQA keeps its groups]
+#   --ffn-hidden-size-remain      FFN_HIDDEN_SIZE_REMAIN      FFN channels to keep                   []
+#   --num-layers-remain           NUM_LAYERS_REMAIN           layers to keep, by Block Influence (activation) []
+#   --drop-layers                 DROP_LAYERS                 layer ids to drop, 0-based, e.g. 7,13,18,24  []
+#   --prune-type                  PRUNE_TYPE                  balance (equal shards) | global (uneven)  [balance]
+#   --importance                  IMPORTANCE                  random | magnitude | activation        [random]
+#   --calib-data                  CALIB_DATA                  text/jsonl file or indexed dataset prefix
+#                                                                                    [the shipped English sample]
+#   --calib-samples               CALIB_SAMPLES               calibration sequences                  [64]
+#   --seed                        SEED                        random plan seed                       [1234]
+#   --plan                        PLAN                        re-apply this prune_plan.json instead of making a plan
+#                                 PYTHON                      Python interpreter [the repository's .venv, else python3]
 #
-# Extra arguments go to `python -m megatron_prune prune` (see --help below), e.g. --overwrite.
 # Example (the seed's 7B -> 3.4B shape):
+#   bash scripts/prune_llama.sh --load ckpt/llama2-7b-tp8 --save ckpt/pruned --hidden-size-remain 3072 \
+#     --num-attention-heads-remain 24 --ffn-hidden-size-remain 8192 --drop-layers 7,13,18,24
+# or the same with variables:
 #   LOAD=ckpt/llama2-7b-tp8 SAVE=ckpt/pruned TP=8 HIDDEN_SIZE_REMAIN=3072 NUM_ATTENTION_HEADS_REMAIN=24 \
 #   FFN_HIDDEN_SIZE_REMAIN=8192 DROP_LAYERS=7,13,18,24 bash scripts/prune_llama.sh
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
-if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exec "$PYTHON" -m megatron_prune prune --help
-fi
-: "${LOAD:?set LOAD to the input Megatron checkpoint}"
-: "${SAVE:?set SAVE to the output directory}"
-if [[ -z "${TP:-}" ]]; then
-  TP=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/megatron_prune.json"))["tp"])' \
-       "$LOAD" 2>/dev/null) || { echo "error: set TP (cannot read $LOAD/megatron_prune.json)" >&2; exit 2; }
-fi
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
+mp_help "$0" "-m megatron_prune prune" "$@"
+mp_flag --load LOAD
+mp_flag --save SAVE
+mp_flag --tp TP
+mp_flag --hidden-size-remain HIDDEN_SIZE_REMAIN
+mp_flag --num-attention-heads-remain NUM_ATTENTION_HEADS_REMAIN
+mp_flag --num-query-groups-remain NUM_QUERY_GROUPS_REMAIN
+mp_flag --ffn-hidden-size-remain FFN_HIDDEN_SIZE_REMAIN
+mp_flag --num-layers-remain NUM_LAYERS_REMAIN
+mp_flag --drop-layers DROP_LAYERS
+mp_flag --prune-type PRUNE_TYPE
+mp_flag --importance IMPORTANCE
+mp_flag --calib-data CALIB_DATA
+mp_flag --calib-samples CALIB_SAMPLES
+mp_flag --seed SEED
+mp_flag --plan PLAN
 
-args=(--load "$LOAD" --save "$SAVE")
-add() { if [[ -n "$2" ]]; then args+=("$1" "$2"); fi; }
-add --hidden-size-remain "${HIDDEN_SIZE_REMAIN:-}"
-add --num-attention-heads-remain "${NUM_ATTENTION_HEADS_REMAIN:-}"
-add --num-query-groups-remain "${NUM_QUERY_GROUPS_REMAIN:-}"
-add --ffn-hidden-size-remain "${FFN_HIDDEN_SIZE_REMAIN:-}"
-add --num-layers-remain "${NUM_LAYERS_REMAIN:-}"
-add --drop-layers "${DROP_LAYERS:-}"
-add --prune-type "${PRUNE_TYPE:-}"
-add --importance "${IMPORTANCE:-}"
-add --calib-data "${CALIB_DATA:-}"
-add --calib-samples "${CALIB_SAMPLES:-}"
-add --seed "${SEED:-}"
-add --plan "${PLAN:-}"
-
-# Every user error is caught here, in one process, before torchrun starts TP workers.
-"$PYTHON" -m megatron_prune prune "${args[@]}" --check-only "$@"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$TP" -m megatron_prune prune "${args[@]}" "$@"
+# Every user error (a missing --load, a wrong --tp, a bad size) is caught here, in one process, before torchrun
+# starts TP workers.
+"$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@" --check-only
+nproc=$(mp_last --tp ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
+if [[ -z "$nproc" ]]; then  # the check passed, so --load is a readable checkpoint
+  load=$(mp_last --load ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
+  nproc=$("$PYTHON" -c 'import sys; from megatron_prune.checkpoint.megatron_io import read_meta
+print(read_meta(sys.argv[1]).tp)' "$load") || { echo "error: give --tp / TP (cannot read the TP size of $load)" >&2
+                                               exit 2; }
+fi
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+  -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

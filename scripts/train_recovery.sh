@@ -3,29 +3,31 @@
 # one torchrun call of `python -m megatron_prune train`. All arguments are passed through; see --help.
 #
 # Environment (defaults in brackets):
-#   PYTHON           Python interpreter                                   [python3]
-#   NPROC            processes per node (tp x pp x dp / NNODES)           [1]
+#   PYTHON           Python interpreter                 [the repository's .venv, else python3]
+#   NPROC            processes per node (tp x pp x dp / NNODES)
+#                    [the node's GPUs with CUDA; else tp x pp from the arguments or --config]
 #   NNODES           number of nodes                                      [1]
 #   NODE_RANK        rank of this node (static rendezvous)                [0]
 #   MASTER_ADDR      rendezvous host (multi-node)                         [127.0.0.1]
 #   MASTER_PORT      rendezvous port (multi-node)                         [29500]
 #   RDZV_ID          rendezvous id; set it to use c10d elastic rendezvous instead of NODE_RANK   [unset]
 #   OMP_NUM_THREADS  CPU threads per process                              [1]
+#   DRY_RUN          1: print the torchrun command instead of running it  [0]
 #
-# Single node, 2 GPUs, TP=2:
-#   NPROC=2 bash scripts/train_recovery.sh --load ckpt/pruned --save ckpt/recovered --tp 2 \
+# Single node, TP=2 (NPROC: 2 on CPU, all GPUs of the node with CUDA):
+#   bash scripts/train_recovery.sh --load ckpt/pruned --save ckpt/recovered --tp 2 \
 #     --data-path data/corpus_text_document --micro-batch-size 4 --global-batch-size 64 --seq-length 2048 \
 #     --train-iters 1000 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 50 --save-interval 200 --eval-interval 100
 # Distillation from the unpruned model:   ... --teacher-load ckpt/original --kd-alpha 0.5 --kd-temperature 1
 # Settings from a file (command line wins): ... --config recovery.yaml
 # Two nodes (run on each, NODE_RANK=0 and 1):  NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 bash ... 
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
-if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exec "$PYTHON" -m megatron_prune train --help
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
+mp_help "$0" "-m megatron_prune train" "$@"
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("$PYTHON" -c 'import sys; from megatron_prune.cli.train import default_nproc
+print(default_nproc(sys.argv[1:]))' "$@")
 fi
-NPROC=${NPROC:-1}
 NNODES=${NNODES:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [[ -n "${RDZV_ID:-}" ]]; then
@@ -37,4 +39,6 @@ else
   rdzv=(--nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}"
         --master-port "${MASTER_PORT:-29500}")
 fi
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@"
+cmd=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+exec "${cmd[@]}"

@@ -2,20 +2,22 @@
 # Change the tensor-parallel (and pipeline-parallel) size of a Megatron checkpoint: converted, pruned (even or
 # uneven `global`-mode shards) or trained. Bit-exact; one output rank at a time; optimizer state is not carried.
 #
-# Environment (defaults in brackets); extra arguments are passed to `python -m megatron_prune reshard`:
-#   LOAD    source checkpoint directory      [required]
-#   SAVE    output checkpoint directory      [required]
-#   TP      target tensor-parallel size      [1]
-#   PP      target pipeline-parallel size    [1]
-#   PYTHON  Python interpreter               [python3]
+# Flag / Environment variable (a flag wins over its variable). Other arguments are passed
+# to `python -m megatron_prune reshard` (see the options below).
+#   --load  LOAD    source checkpoint directory      [required]
+#   --save  SAVE    output checkpoint directory      [required]
+#   --tp    TP      target tensor-parallel size      [1]
+#   --pp    PP      target pipeline-parallel size    [1]
+#           PYTHON  Python interpreter               [the repository's .venv, else python3]
 #
-# Example: LOAD=ckpt/pruned-global SAVE=ckpt/pruned-tp2 TP=2 bash scripts/transfer.sh
+# Examples: bash scripts/transfer.sh --load ckpt/pruned-global --save ckpt/pruned-tp2 --tp 2
+#           LOAD=ckpt/pruned-global SAVE=ckpt/pruned-tp2 TP=2 bash scripts/transfer.sh
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
-if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exec "$PYTHON" -m megatron_prune reshard --help
-fi
-: "${LOAD:?set LOAD to the source checkpoint (see --help)}"
-: "${SAVE:?set SAVE to the output directory (see --help)}"
-exec "$PYTHON" -m megatron_prune reshard --load "$LOAD" --save "$SAVE" --tp "${TP:-1}" --pp "${PP:-1}" "$@"
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
+mp_help "$0" "-m megatron_prune reshard" "$@"
+mp_flag --load LOAD
+mp_flag --save SAVE
+TP=${TP:-1}  # this script's default; `reshard` itself requires --tp
+mp_flag --tp TP
+mp_flag --pp PP
+exec "$PYTHON" -m megatron_prune reshard ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -168,10 +168,7 @@ def check_checkpoint(root: Path, meta: "CheckpointMeta", iteration) -> None:
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
                                       f"tp={meta.tp}, pp={meta.pp})")
-            try:
-                state = torch.load(path, map_location="meta", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+            state = mio.load_rank_file(path, map_location="meta", mmap=False)
             check_rank_state(path, state, meta, tp_rank, pp_rank, root)
 
 

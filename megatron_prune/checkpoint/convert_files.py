@@ -9,13 +9,13 @@ import torch
 from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, check_checkpoint, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_hf_stage
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
 from megatron_prune.checkpoint.keys import (OUTPUT, hf_expected_keys, is_ignored_hf_key, stage_tensor_maps,
                                             to_local_names)
-from megatron_prune.config.shape import canonical_dtype
+from megatron_prune.config.shape import DTYPE_BYTES, canonical_dtype
 
 TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +41,7 @@ def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 
                    progress: bool = True, allow_non_finite: bool = False) -> mio.CheckpointMeta:
     """Convert an HF LLaMA directory to Megatron shards at (tp, pp), one output rank at a time. Every tensor is
     checked for NaN / Inf as it is made (unless allow_non_finite)."""
-    check_output_dir(save, overwrite)
+    check_output_dir(save, overwrite, inputs={"--hf-dir": hf_dir})
     with HFReader(hf_dir) as reader:
         src_dtype = reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32"
         shape = reader.shape.replace(dtype=canonical_dtype(dtype or src_dtype))
@@ -53,6 +53,7 @@ def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 
                                   hf_config=reader.config)
         meta = meta.with_history("convert", source=str(Path(hf_dir).resolve()), tp=tp, pp=pp, dtype=shape.dtype)
         args = mio.megatron_args(meta)
+        check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
         with atomic_dir(save, overwrite) as tmp:
             for pp_rank in range(pp):
                 for tp_rank in range(tp):
@@ -105,13 +106,14 @@ def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None,
     """Merge Megatron shards (any TP/PP, even or uneven) into an HF LLaMA directory. The checkpoint is checked
     against its meta before anything is written, and every merged tensor for NaN / Inf (unless allowed)."""
     load = Path(load)
-    check_output_dir(save, overwrite)
+    check_output_dir(save, overwrite, inputs={"--load": load})
     meta = mio.read_meta(load)
     iteration = mio.read_tracker(load)
     check_rank_files(load, meta, iteration)
     shape = meta.shape.replace(dtype=canonical_dtype(dtype or meta.shape.dtype))
     config = shape.to_hf_config(meta.hf_config)
     config["vocab_size"] = shape.vocab_size
+    check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
 
     def tensors():
         for pp_rank in tqdm(range(meta.pp), desc="stages", disable=not progress or meta.pp == 1, leave=False):

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import torch
 
 from megatron_prune.checkpoint.keys import hf_expected_shapes
+from megatron_prune.errors import UserError
 from megatron_prune.config.shape import LlamaShape, read_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -21,7 +22,7 @@ SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bi
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint on disk that is missing, truncated or inconsistent; the message names the file."""
 
 

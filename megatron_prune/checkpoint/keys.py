@@ -31,6 +31,8 @@ LAYER_MAPS: tuple[TensorMap, ...] = (
               ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight"), "fc1"),
     TensorMap("decoder.layers.{}.mlp.linear_fc2.weight", ("model.layers.{}.mlp.down_proj.weight",), "row"),
 )
+# The same maps by name, for code that slices one tensor of a layer (the pruner, importance scores).
+INPUT_NORM, QKV, PROJ, PRE_MLP_NORM, FC1, FC2 = LAYER_MAPS
 EMBEDDING = TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
 FINAL_NORM = TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated")
 OUTPUT = TensorMap("output_layer.weight", ("lm_head.weight",), "vocab")

@@ -5,11 +5,12 @@
     ROOT/release/mp_rank_TT_PPP/model_optim_rng.pt  PP>1
     ROOT/megatron_prune.json                        shape, parallel sizes, dtype, per-rank sizes, history
 
-Megatron-LM's `read_metadata` accepts iteration 0 only as "release", hence "release" for step-0 checkpoints.
-Each rank file is {"model": state_dict, "args": Namespace, "checkpoint_version": 3.0, "iteration": N,
-"megatron_prune_rank": {"tp_rank", "pp_rank", "tp", "pp"}} (the rank record: which folder the file belongs in;
-Megatron-LM ignores keys it does not know). Every rank file read is checked against its folder and the meta
-(checkpoint.consistency).
+Step-0 checkpoints (converted, pruned, resharded) are written as "release": older Megatron-LM's `read_metadata`
+accepts iteration 0 only under that name. A tracker "0" (what current Megatron-LM writes for an iteration-0 save) is
+read as iter_0000000/. Each rank file is {"model": state_dict, "args": Namespace, "checkpoint_version": 3.0,
+"iteration": N}; `args` carries Megatron-LM's field names (see mlm_compat). The rank record
+"megatron_prune_rank": {"tp_rank", "pp_rank", "tp", "pp"} says which folder the file belongs in (Megatron-LM ignores
+keys it does not know); every rank file read is checked against its folder and the meta (checkpoint.consistency).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,10 @@ import torch
 
 from megatron_prune.checkpoint.atomic import atomic_write_text
 from megatron_prune.checkpoint.consistency import RANK_RECORD, check_rank_state, rank_record
+from megatron_prune.checkpoint import mlm_compat
+from megatron_prune.checkpoint.atomic import atomic_file, atomic_write_text
 from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.config.shape import LlamaShape
+from megatron_prune.config.shape import LlamaShape, RopeScaling
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_prune.json"
@@ -78,7 +82,7 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration in ("release", 0) else f"iter_{int(iteration):07d}"
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 def rank_path(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int) -> Path:
@@ -106,6 +110,7 @@ def megatron_args(meta: CheckpointMeta, seq_length: int | None = None, **extra: 
         fp16=s.dtype == "float16", params_dtype=getattr(torch, s.dtype),
         transformer_impl="transformer_engine" if meta.te_names else "local",
         consumed_train_samples=0, consumed_valid_samples=0, tokenizer_type="HuggingFaceTokenizer",
+        **mlm_compat.megatron_lm_fields(s.norm_eps),
     )
     for k, v in extra.items():
         setattr(args, k, v)
@@ -119,25 +124,28 @@ def crc32_wanted() -> bool:
 
 
 def save_rank(root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int, state: dict[str, Any]) -> Path:
-    """Write one rank file atomically (temp sibling + rename), with its rank record (read back by load_rank)."""
+    """Write one rank file atomically (temp sibling, fsync, rename), with its rank record (read back by
+    load_rank)."""
     path = rank_path(root, iteration, tp_rank, pp_rank, pp)
     tp = getattr(state.get("args"), "tensor_model_parallel_size", None)
     state = {**state, RANK_RECORD: rank_record(tp_rank, pp_rank, tp, pp)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if crc32_wanted():
-        torch.save(state, tmp)
-    else:
-        from torch.utils.serialization import config
+    return atomic_file(path, lambda tmp: torch_save(state, tmp))
 
-        previous = config.save.compute_crc32
-        config.save.compute_crc32 = False
-        try:
-            torch.save(state, tmp)
-        finally:
-            config.save.compute_crc32 = previous
-    os.replace(tmp, path)
-    return path
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save without zip CRC32s unless they are wanted (see crc32_wanted)."""
+    if crc32_wanted():
+        torch.save(obj, path)
+        return
+    from torch.utils.serialization import config
+
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save(obj, path)
+    finally:
+        config.save.compute_crc32 = previous
 
 
 def rank_state(model_sd: dict[str, Any], args: argparse.Namespace, iteration: int) -> dict[str, Any]:
@@ -150,7 +158,7 @@ def write_meta(root: Path, meta: CheckpointMeta) -> None:
 
 def write_tracker(root: Path, iteration: int | str) -> None:
     """Written last: a checkpoint is complete only once its tracker exists."""
-    atomic_write_text(Path(root) / TRACKER, "release" if iteration in ("release", 0) else str(int(iteration)))
+    atomic_write_text(Path(root) / TRACKER, "release" if iteration == "release" else str(int(iteration)))
 
 
 def read_tracker(root: str | Path) -> int | str:
@@ -176,6 +184,9 @@ def read_meta(root: str | Path) -> CheckpointMeta:
             raise CheckpointError(f"{root / META}: invalid ({e})") from None
     iteration = read_tracker(root)
     args = _first_rank_args(root, iteration)
+    problems = mlm_compat.non_llama_settings(args)
+    if problems:
+        raise CheckpointError(f"{root}: not a LLaMA-architecture checkpoint: {', '.join(problems)}")
     return meta_from_args(args)
 
 
@@ -197,20 +208,39 @@ def meta_from_args(a: argparse.Namespace) -> CheckpointMeta:
         kv_channels=getattr(a, "kv_channels", None) or a.hidden_size // heads,
         vocab_size=getattr(a, "vocab_size", None) or a.padded_vocab_size,
         max_position_embeddings=a.max_position_embeddings, rope_theta=float(getattr(a, "rotary_base", 10000)),
-        norm_eps=getattr(a, "norm_epsilon", 1e-5),
+        rope_scaling=RopeScaling(factor=factor) if (factor := mlm_compat.rope_scaling_factor_from_args(a)) else None,
+        norm_eps=mlm_compat.norm_eps_from_args(a),
         tie_word_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False), dtype=dtype)
     return CheckpointMeta(shape=shape, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
                           padded_vocab_size=a.padded_vocab_size,
-                          make_vocab_size_divisible_by=getattr(a, "make_vocab_size_divisible_by", 128))
+                          make_vocab_size_divisible_by=getattr(a, "make_vocab_size_divisible_by", 128),
+                          te_names=getattr(a, "transformer_impl", "local") == "transformer_engine")
 
 
-def load_rank_file(path: Path) -> dict[str, Any]:
+def load_rank_file(path: Path, map_location: str = "cpu", mmap: bool = True) -> dict[str, Any]:
+    """A rank file, weights_only. One written by Megatron-LM holds megatron-core enums in its args: those
+    explicitly allow-listed types (mlm_compat.SAFE_GLOBAL_NAMES) are admitted, nothing else."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing rank file")
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        except Exception as e:
+            if not mlm_compat.is_unsupported_global(e):
+                raise
+        with torch.serialization.safe_globals(mlm_compat.megatron_core_safe_globals()):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """torch's weights_only refusal spans many lines; keep the refused global's name."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"{found.group(1)} is not an allowed type (not on megatron_prune's allow-list)"
+    return " ".join(text.split())
 
 
 def load_rank(root: str | Path, tp_rank: int, pp_rank: int, meta: CheckpointMeta | None = None,

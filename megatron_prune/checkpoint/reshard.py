@@ -17,6 +17,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.convert import merge_tensor, split_tensor
 from megatron_prune.checkpoint.keys import EMBEDDING, FINAL_NORM, OUTPUT, stage_layers, stage_tensor_maps
 from megatron_prune.checkpoint.layout import merge_replicated
@@ -93,12 +94,12 @@ def _check_sources(key: str, kind: str, shapes: Sequence[tuple[int, ...]], hidde
     if kind == "replicated":
         bad = [r for r, sh in enumerate(shapes) if tuple(sh) != (hidden,)]
         if bad:
-            raise ValueError(f"{key}: TP rank {bad[0]} has shape {tuple(shapes[bad[0]])}, expected ({hidden},)")
+            raise InputError(f"{key}: TP rank {bad[0]} has shape {tuple(shapes[bad[0]])}, expected ({hidden},)")
         return 0
     dim = 1 if kind == "row" else 0
     for r, sh in enumerate(shapes):
         if len(sh) != 2 or sh[1 - dim] != hidden:
-            raise ValueError(f"{key}: TP rank {r} has shape {tuple(sh)}; expected hidden size {hidden} on dim "
+            raise InputError(f"{key}: TP rank {r} has shape {tuple(sh)}; expected hidden size {hidden} on dim "
                              f"{1 - dim}")
     return dim
 
@@ -116,7 +117,7 @@ def plan_pieces(key: str, kind: str, shapes: Sequence[tuple[int, ...]], shape: L
     want = _expected_lengths(key, kind, shape)
     got = tuple(t.shape[dim] for t in merged)
     if want is not None and got != want:
-        raise ValueError(f"{key}: source shards {sizes} merge to {got} along dim {dim}, but the checkpoint's "
+        raise InputError(f"{key}: source shards {sizes} merge to {got} along dim {dim}, but the checkpoint's "
                          f"shape needs {want} (heads={shape.num_attention_heads}, groups={shape.num_query_groups}, "
                          f"kv_channels={shape.kv_channels}, ffn={shape.ffn_hidden_size}, vocab={shape.vocab_size})")
     ids = split_tensor(kind, merged, tp, rank, shape, padded_vocab)

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError
@@ -64,12 +65,7 @@ def _storage_offset(t: torch.Tensor) -> int | None:
 
 def read_refs(path: Path) -> tuple[dict, dict[str, TensorRef]]:
     """(rank state without "model", {local key: TensorRef}) of one rank file, reading no tensor data."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing rank file")
-    try:
-        state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    state = mio.load_rank_file(path, map_location="meta", mmap=False)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a Megatron rank file (no 'model' state dict)")
     size, refs = path.stat().st_size, {}
@@ -372,14 +368,13 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
     """Change the TP/PP size of a Megatron checkpoint (even or uneven shards), one output rank at a time.
     Everything is validated and planned before the first byte is written; the output appears atomically.
     Each written rank is checked for NaN / Inf while its bytes are still in the page cache (unless allowed)."""
-    check_output_dir(save, overwrite)
-    if Path(load).resolve() == Path(save).resolve():
-        raise ValueError(f"--save must differ from --load ({load})")
+    check_output_dir(save, overwrite, inputs={"--load": load})
     src = SourceCheckpoint(load)
     dst = target_meta(src.meta, tp, pp, src.root, src.iteration)
     plans = plan_all(src, dst)
     args = mio.megatron_args(dst, seq_length=getattr(src.args, "seq_length", None))
     total = sum(plan_bytes(p, src) for p in plans.values())
+    check_free_space(Path(save).parent, total, save)
     write = write_rank_streamed if _streaming() else write_rank_in_memory
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # copies of ~1 MiB blocks: waking a thread pool costs more than it saves (measured)

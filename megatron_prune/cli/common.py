@@ -1,29 +1,46 @@
-"""Shared CLI plumbing: turn expected user errors into one-line messages and exit code 2."""
+"""Shared CLI plumbing: the one user-error contract of every entry point.
+
+`UserError` (and OS errors about the user's files: missing, unreadable, full disk, read-only) print one line
+`error: ...` and exit 2; anything else is a programming error and keeps its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable
 
-from megatron_prune.checkpoint.atomic import OutputExistsError
-from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.config.shape import ShapeError
+from megatron_prune.errors import EXIT_USER_ERROR, UserError
 
-USER_ERRORS = (ShapeError, CheckpointError, OutputExistsError, FileNotFoundError, ValueError, KeyError)
+# OS errors that describe the user's files or machine, not a bug: reported as one line.
+_USER_OS_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                   errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a programming error."""
+    if isinstance(e, UserError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.errno in _USER_OS_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return None
 
 
 def user_errors(run: Callable[..., int]) -> Callable[..., int]:
-    """Decorator for `run(args)`: expected errors print `error: ...` (no traceback) and return 2."""
+    """Decorator for `run(args)`: user errors print `error: ...` (no traceback) and return 2; others propagate."""
 
     @functools.wraps(run)
     def wrapper(*a, **k) -> int:
         try:
             return run(*a, **k)
-        except USER_ERRORS as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        except (UserError, OSError) as e:
+            msg = user_error_message(e)
+            if msg is None:
+                raise
             print(f"error: {msg}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
 
     return wrapper
 

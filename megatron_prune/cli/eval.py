@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_prune.errors import InputError
 from megatron_prune.cli.common import user_errors
 
 
@@ -35,7 +36,7 @@ def read_text(path: Path) -> str:
             try:
                 texts.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+                raise InputError(f"{path}:{n}: not a JSON object with a 'text' field") from None
     return "\n\n".join(texts)
 
 
@@ -45,7 +46,7 @@ def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_token
 
     path = Path(text_file)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such text file")
+        raise InputError(f"{path}: no such text file")
     tok = load_tokenizer(tokenizer_path)
     ids = tok.encode(read_text(path))
     if getattr(tok, "bos", None) is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_prune.errors import InputError
 from megatron_prune.cli.common import user_errors
 
 
@@ -25,7 +26,7 @@ def _metrics_path(arg: str) -> Path:
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file")
+        raise InputError(f"{path}: no such metrics file")
     return path
 
 
@@ -39,7 +40,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("plotting needs matplotlib, which is not installed (pip install matplotlib)") from None
+        raise InputError("plotting needs matplotlib, which is not installed (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     paths = [_metrics_path(m) for m in args.metrics]
     labels = args.labels or [p.parent.name or str(p) for p in paths]
     if len(labels) != len(paths):
-        raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
+        raise InputError(f"{len(labels)} labels for {len(paths)} metrics files")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = 0
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 ax.plot(x, y, style, marker="o" if kind == "eval" else None, markersize=3, label=label + suffix)
                 drawn += 1
     if not drawn:
-        raise ValueError(f"no loss records in {', '.join(map(str, paths))}")
+        raise InputError(f"no loss records in {', '.join(map(str, paths))}")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_title(args.title)

@@ -6,6 +6,7 @@ PREFIX_{json-key}_sentence.bin/.idx with --split-sentences, as Megatron-LM's pre
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
@@ -18,11 +19,13 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or HF tokenizer directory")
     p.add_argument("--output-prefix", required=True,
                    help="output path prefix; _{json-key}_document or _{json-key}_sentence is appended")
-    p.add_argument("--append-eod", action="store_true", help="append the EOS token to every document")
+    # --no-X forms let a later flag override an earlier one (tools/preprocess_data.sh appends EOD by default)
+    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=False,
+                   help="append the EOS token to every document (default: no)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help=f"tokenizer processes (default: the CPU count, {os.cpu_count()})")
-    p.add_argument("--split-sentences", action="store_true",
-                   help="one sequence per sentence (NLTK punkt_tab; offline data via NLTK_DATA)")
+    p.add_argument("--split-sentences", action=argparse.BooleanOptionalAction, default=False,
+                   help="one sequence per sentence (NLTK punkt_tab; offline data via NLTK_DATA; default: no)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

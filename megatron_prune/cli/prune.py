@@ -11,12 +11,16 @@ import json
 import os
 import sys
 
-from megatron_prune.cli.common import USER_ERRORS
+from megatron_prune.errors import InputError
+from megatron_prune.cli.common import user_error_message
 
 
 def add_arguments(p) -> None:
     p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="the checkpoint's TP size = the number of processes; checked against --load (default: "
+                        "--load's)")
     g = p.add_argument_group("target (omitted sizes are kept)")
     g.add_argument("--hidden-size-remain", type=int, help="hidden channels to keep")
     g.add_argument("--num-attention-heads-remain", type=int, help="query heads to keep")
@@ -40,6 +44,7 @@ def add_arguments(p) -> None:
     c.add_argument("--calib-seq-length", type=int, default=256, help="tokens per sequence (default 256)")
     c.add_argument("--calib-micro-batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     c.add_argument("--tokenizer", default=None, help="tokenizer for text calibration data (default: --load's)")
+    _add_budget_arguments(p)
     p.add_argument("--check-only", action="store_true",
                    help="validate everything and print the target shape; no processes, nothing written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
@@ -49,6 +54,28 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary line (rank 0)")
 
 
+def _add_budget_arguments(p) -> None:
+    from megatron_prune.prune.search_space import DEFAULT_WIDTH_MULTIPLE, SearchLimits
+
+    d = SearchLimits()
+    b = p.add_argument_group("parameter budget (for now: lists candidate shapes with --dry-run; scoring comes next)")
+    b.add_argument("--target-params", default=None,
+                   help="parameters to keep: a count (64047840, 6.4e7) or a share of the source's (50%%); "
+                        "searches layers, hidden, heads per group and FFN for shapes within 95-100%% of it")
+    b.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
+                   help=f"hidden and FFN sizes are multiples of this, or unchanged (default {DEFAULT_WIDTH_MULTIPLE}: "
+                        f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models)")
+    b.add_argument("--max-depth-drop", type=float, default=d.max_depth_drop,
+                   help=f"at most this fraction of the layers dropped (default {d.max_depth_drop})")
+    b.add_argument("--max-width-drop", type=float, default=d.max_width_drop,
+                   help=f"at most this fraction of hidden, heads per group and FFN removed (default "
+                        f"{d.max_width_drop})")
+    b.add_argument("--search-candidates", type=int, default=d.candidates,
+                   help=f"how many of the shapes closest to the budget to list (default {d.candidates})")
+    b.add_argument("--dry-run", action="store_true",
+                   help="with --target-params: print the candidate table and stop (one process, nothing written)")
+
+
 def build_config(args):
     from megatron_prune.prune.run import CalibConfig, PruneConfig
     from megatron_prune.prune.select import PruneTarget, layer_ids
@@ -56,7 +83,7 @@ def build_config(args):
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
              args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers)
     if args.plan and any(v is not None for v in sizes):
-        raise ValueError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
+        raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
     target = None
     if not args.plan:
         target = PruneTarget(hidden_size=args.hidden_size_remain, num_attention_heads=args.num_attention_heads_remain,
@@ -81,9 +108,12 @@ def run(args) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         return _run(args, rank0)
-    except USER_ERRORS as e:
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
         if rank0:
-            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist
@@ -92,14 +122,42 @@ def run(args) -> int:
             dist.destroy_process_group()
 
 
+def _search(args) -> int:
+    """--target-params --dry-run: the candidate shapes as a table; no processes, nothing written."""
+    from megatron_prune.prune.run import search_shapes
+    from megatron_prune.prune.search_space import SearchLimits, format_table
+
+    sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
+             args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers, args.plan)
+    if any(v is not None for v in sizes):
+        raise InputError("--target-params searches the sizes: do not also give sizes, --drop-layers or --plan")
+    if not args.dry_run:
+        raise InputError("--target-params lists candidate shapes only, for now: add --dry-run (scoring the "
+                         "candidates and pruning to the best comes next)")
+    limits = SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
+                          max_width_drop=args.max_width_drop, candidates=args.search_candidates)
+    meta, budget, cands = search_shapes(args.load, args.target_params, limits)
+    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget:,} params: "
+          f"{len(cands)} candidate shapes (balance mode, width multiple {limits.width_multiple})")
+    print(format_table(cands))
+    return 0
+
+
 def _run(args, rank0: bool) -> int:
     from megatron_prune.prune.run import check, prune_checkpoint
 
     from megatron_prune.prune.apply_hf import hf_config_warning
 
+    if args.target_params is not None:
+        return _search(args)
+    if args.dry_run:
+        raise InputError("--dry-run goes with --target-params (for given sizes use --check-only)")
     cfg = build_config(args)
     if args.check_only:
         prep = check(cfg)
+        if args.tp is not None and args.tp != prep.meta.tp:
+            raise InputError(f"--tp {args.tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
+                             f"process per TP rank of its input (reshard it first to change TP)")
         print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
         warning = hf_config_warning(prep.target)
         if warning:

@@ -31,7 +31,7 @@ def run(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
     shape = prune_hf(args.hf_dir, plan, args.save, dtype=args.dtype, overwrite=args.overwrite,
-                     progress=not args.no_progress,
+                     progress=not args.no_progress, plan_path=args.plan,
                      allow_non_finite=args.allow_non_finite)
     print(f"wrote {args.save}: {plan.summary()} dtype={shape.dtype}")
     return 0

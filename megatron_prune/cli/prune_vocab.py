@@ -1,5 +1,5 @@
-"""python -m megatron_prune prune-vocab --counts counts.json --keep N --tokenizer PATH [--load CKPT | --hf-dir DIR]
---save DIR"""
+"""python -m megatron_prune prune-vocab --counts counts.json (--keep N | --keep-min N) --tokenizer PATH
+[--load CKPT | --hf-dir DIR] --save DIR"""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from megatron_prune.cli.common import user_errors
 
 def add_arguments(p) -> None:
     p.add_argument("--counts", required=True, help="counts file from `vocab-freq` (same tokenizer)")
-    p.add_argument("--keep", type=int, required=True,
-                   help="number of most frequent tokens to keep; special, unknown and byte-fallback tokens, ids "
-                        "named by the configs, and the pieces kept tokens are merged through are kept on top")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, metavar="N",
+                      help="final vocabulary size N (before Megatron's padding): special, unknown, byte-fallback and "
+                           "config-named tokens count inside it, the rest is filled with the most frequent tokens "
+                           "together with the pieces they are merged through")
+    size.add_argument("--keep-min", type=int, metavar="N",
+                      help="instead of --keep: the N most frequent tokens, with the always-kept tokens and merge "
+                           "intermediates added on top (final size > N)")
     p.add_argument("--tokenizer", required=True,
                    help="the model's tokenizer: SentencePiece .model file, HF tokenizer.json, or HF tokenizer "
                         "directory (a directory holding both tokenizer.model and tokenizer.json prunes both)")
@@ -27,13 +32,18 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from megatron_prune.vocab.run import VOCAB_MAP, prune_vocab
 
-    res = prune_vocab(args.counts, args.keep, args.tokenizer, args.save, load=args.load, hf_dir=args.hf_dir,
-                      overwrite=args.overwrite, progress=not args.no_progress)
+    keep_min = args.keep is None
+    res = prune_vocab(args.counts, args.keep_min if keep_min else args.keep, args.tokenizer, args.save,
+                      load=args.load, hf_dir=args.hf_dir, overwrite=args.overwrite, progress=not args.no_progress,
+                      keep_min=keep_min)
     s = res.stats
     cov = f", covering {100 * s['coverage']:.2f}% of the counted tokens" if s["coverage"] is not None else ""
-    print(f"wrote {args.save}: vocabulary {s['old_vocab_size']} -> {s['vocab_size']} ids (top {s['keep']}, "
-          f"{s['always_kept']} always kept, {s['merge_closure_added']} added as merge intermediates){cov}; "
-          f"id map in {VOCAB_MAP}")
+    rule = f"top {s['keep']} plus" if keep_min else f"budget {s['keep']}:"
+    skipped = f", {s['skipped_no_room']} frequent tokens skipped (their intermediates did not fit)" if (
+        s["skipped_no_room"]) else ""
+    print(f"wrote {args.save}: vocabulary {s['old_vocab_size']} -> {s['vocab_size']} ids ({rule} "
+          f"{s['always_kept']} always kept, {s['by_frequency']} by frequency, {s['merge_closure_added']} merge "
+          f"intermediates{skipped}){cov}; id map in {VOCAB_MAP}")
     if res.meta is not None:
         print(f"  Megatron tp={res.meta.tp} pp={res.meta.pp}: padded vocab {res.meta.padded_vocab_size}")
     for note in res.notes:

@@ -13,7 +13,8 @@ import dataclasses
 import os
 import sys
 
-from megatron_prune.cli.common import USER_ERRORS
+from megatron_prune.cli.common import user_error_message
+from megatron_prune.errors import UserError
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
 HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -27,6 +28,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "pp": ("pipeline-parallel size", ("--pipeline-model-parallel-size",)),
     "sequence_parallel": ("sequence parallelism (with tp > 1)", ()),
     "use_distributed_optimizer": ("shard optimizer state over data-parallel ranks", ()),
+    "use_te": ("build Transformer Engine layers (GPU with transformer_engine only); checkpoints then use TE names",
+               ()),
     "micro_batch_size": ("sequences per micro-batch per data-parallel rank", ()),
     "global_batch_size": ("sequences per iteration over all data-parallel ranks", ()),
     "seq_length": ("tokens per sequence", ()),
@@ -94,14 +97,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"same as --precision {name}")
 
 
-def build_config(args: argparse.Namespace):
-    """TrainConfig from defaults < --config file < explicit command-line options."""
-    from megatron_prune.train.config import TrainConfig, read_config_file
+def _settings(args: argparse.Namespace) -> dict:
+    """--config file < explicit command-line options (TrainConfig's defaults fill in the rest)."""
+    from megatron_prune.train.config import read_config_file
 
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
-    return TrainConfig.from_mapping(values, source=args.config or "arguments")
+    return values
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from defaults < --config file < explicit command-line options."""
+    from megatron_prune.train.config import TrainConfig
+
+    return TrainConfig.from_mapping(_settings(args), source=args.config or "arguments")
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def default_nproc(argv: list[str]) -> int:
+    """Processes per node when scripts/train_recovery.sh gets no NPROC: the node's GPUs when CUDA is present,
+    else tp x pp from the arguments or --config (one data-parallel rank). Arguments that cannot be read give 1:
+    the training run itself then reports them in one line."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    parser = _RaisingParser(add_help=False)
+    add_arguments(parser)
+    try:
+        values = _settings(parser.parse_known_args(argv)[0])
+        return max(1, int(values.get("tp", 1)) * int(values.get("pp", 1)))
+    except (ValueError, TypeError, OSError, UserError):
+        return 1
 
 
 def _say(msg: str) -> None:
@@ -131,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingAborted as e:
         _say(f"error: {e}")
         return 1
-    except USER_ERRORS as e:
-        _say(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        _say(f"error: {msg}")
         return 2
     _say(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""))
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megatron_prune.checkpoint.atomic import OutputExistsError
+from megatron_prune.errors import InputError
+from megatron_prune.checkpoint.atomic import OutputExistsError, check_no_overlap, remove_stale_temps
 from megatron_prune.cli.common import user_errors
 
 
@@ -26,10 +27,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from megatron_prune.vocab.counts import count_tokens, write_counts
 
+    from megatron_prune.data.preprocess import expand_inputs
+
+    check_no_overlap(args.output, [*expand_inputs(args.input), args.tokenizer], what="--output")
+    remove_stale_temps(args.output)
     if Path(args.output).exists() and not args.overwrite:
         raise OutputExistsError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
     counts = count_tokens(args.tokenizer, args.input, args.json_key, args.workers, not args.no_progress)
     write_counts(args.output, counts)
     seen = sum(1 for c in counts.counts if c)

@@ -11,12 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from megatron_prune.errors import UserError
+
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class ShapeError(ValueError):
+class ShapeError(UserError, ValueError):
     """A model shape (or shape + parallel layout) that cannot work; the message names every factor."""
 
 
@@ -26,6 +29,23 @@ def canonical_dtype(name: str) -> str:
     if name not in DTYPES:
         raise ShapeError(f"unknown dtype {name!r} (expected one of {', '.join(DTYPES)} or bf16/fp16/fp32)")
     return name
+
+
+# The shape fields the parameter count depends on (the arguments of count_params).
+PARAM_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "tie_word_embeddings")
+
+
+def count_params(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
+               num_query_groups: int, kv_channels: int, vocab_size: int, tie_word_embeddings: bool) -> int:
+    """Parameters of an (unpadded) LLaMA: the one formula, for LlamaShape and for the budget search, which calls
+    it without building a shape per candidate. Tied embeddings are counted once; no biases."""
+    h, f, d = hidden_size, ffn_hidden_size, kv_channels
+    qkv = (num_attention_heads + 2 * num_query_groups) * d * h
+    attn = qkv + num_attention_heads * d * h          # + o_proj
+    layer = attn + 3 * h * f + 2 * h                  # gate, up, down; two RMSNorms
+    emb = vocab_size * h * (1 if tie_word_embeddings else 2)
+    return num_layers * layer + emb + h               # + final norm
 
 
 @dataclass(frozen=True)
@@ -110,11 +130,7 @@ class LlamaShape:
 
     def num_params(self) -> int:
         """Parameter count of the unpadded model (tied embeddings counted once)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
-        attn = h * self.qkv_rows + self.num_attention_heads * d * h
-        layer = attn + 3 * h * f + 2 * h
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+        return count_params(**{f: getattr(self, f) for f in PARAM_FIELDS})
 
     def replace(self, **changes: Any) -> "LlamaShape":
         return dataclasses.replace(self, **changes)

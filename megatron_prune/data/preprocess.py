@@ -34,6 +34,9 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from megatron_prune.checkpoint.atomic import (check_no_overlap, fsync_path, remove_stale_temps, temp_name,
+                                              translate_write_errors)
+from megatron_prune.errors import UserError
 from megatron_prune.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:
@@ -44,7 +47,7 @@ TEXT_SUFFIXES = (".txt",)
 LLAMA_INDEX_NLTK_CACHE = ("_static", "nltk_cache")  # inside the llama_index.core package
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError, ValueError):
     """A user error (bad input, bad key, bad tokenizer ...); the message is one line."""
 
 
@@ -337,6 +340,8 @@ def atomic_outputs(prefix: str, overwrite: bool) -> Iterator[tuple[str, str]]:
     """Temporary sibling paths for ``prefix``.bin/.idx, renamed into place on success and
     removed (with an output folder this call created) on any failure."""
     final = (prefix + ".bin", prefix + ".idx")
+    for path in final:
+        remove_stale_temps(path)
     if not overwrite:
         for path in final:
             if os.path.exists(path):
@@ -345,11 +350,14 @@ def atomic_outputs(prefix: str, overwrite: bool) -> Iterator[tuple[str, str]]:
     created = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
     # Plain names (not mkstemp, whose files are mode 0600) so outputs get the usual permissions.
-    temps = [f"{path}.tmp-{os.getpid()}" for path in final]
+    temps = [str(Path(path).with_name(temp_name(Path(path).name))) for path in final]
     try:
-        yield temps[0], temps[1]
-        os.replace(temps[1], final[1])
-        os.replace(temps[0], final[0])
+        with translate_write_errors(final[0]):
+            yield temps[0], temps[1]
+            for tmp, path in ((temps[1], final[1]), (temps[0], final[0])):  # .bin last: it marks completion
+                fsync_path(tmp)
+                os.replace(tmp, path)
+            fsync_path(parent)
     except BaseException:
         for path in temps:
             if os.path.exists(path):
@@ -442,6 +450,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     """Run the whole pipeline; raises :class:`PreprocessError` for user errors."""
     files, tokenizer, punkt_root = _validate(cfg)
     prefix = output_prefix(cfg.output_prefix, cfg.json_key, cfg.split_sentences)
+    for path in (prefix + ".bin", prefix + ".idx"):
+        check_no_overlap(path, [*files, cfg.tokenizer], what="output")
     import megatron.core.datasets.indexed_dataset  # noqa: F401 - slow import, kept out of the timing
 
     with atomic_outputs(prefix, cfg.overwrite) as (bin_tmp, idx_tmp), ExitStack() as stack:

@@ -18,11 +18,13 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
+from megatron_prune.errors import UserError
+
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer path that cannot be loaded; the message names the path and what was expected."""
 
 

@@ -143,7 +143,8 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
     trained = out / "recovered"
     timed(log, f"recovery training, KD ({plan.train_iters} iters, torchrun x2)",
           lambda: stages.train(out / "pruned-tp1", out / "teacher-tp1", data, hf_dir, trained, plan, logfile))
-    recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 2, logfile, hf_dir),
+    # one process: the recovered checkpoint is TP=1, and a second data-parallel process only adds a start-up
+    recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 1, logfile, hf_dir),
                       note=lambda r: f"ppl {r['perplexity']:.2f}")
     timed(log, "export recovered -> HF", lambda: run_cli(
         ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.keys import to_local_names, to_te_names
 from megatron_prune.config.shape import LlamaShape
 
@@ -86,7 +87,7 @@ def layer_spec(opts: ModelOptions, config=None):
 
     if opts.use_te:
         if not te_available():
-            raise RuntimeError("--use-te asks for Transformer Engine, which needs CUDA and transformer_engine")
+            raise InputError("--use-te asks for Transformer Engine, which needs CUDA and transformer_engine")
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if opts.sequence_parallel and opts.tp > 1:
         from megatron_prune.model.sp_norm import sequence_parallel_local_spec
@@ -98,7 +99,7 @@ def layer_spec(opts: ModelOptions, config=None):
 def check_rope_supported(shape: LlamaShape) -> None:
     rs = shape.rope_scaling
     if rs and (rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings) != _MCORE_LLAMA3:
-        raise ValueError(
+        raise InputError(
             "megatron-core supports llama3 rope scaling only with low_freq_factor=1, high_freq_factor=4, "
             f"original_max_position_embeddings=8192 (got {rs.low_freq_factor}, {rs.high_freq_factor}, "
             f"{rs.original_max_position_embeddings})")
@@ -145,7 +146,7 @@ def load_shard(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], use_
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
            if k in sd and isinstance(v, torch.Tensor) and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or bad:
-        raise ValueError("checkpoint does not match the model: "
+        raise InputError("checkpoint does not match the model: "
                          + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
                                                    f"unexpected {unexpected[:5]}" if unexpected else "",
                                                    f"shape mismatch {bad[:5]}" if bad else ""])))

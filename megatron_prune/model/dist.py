@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron_prune.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def init_model_parallel(tp: int, pp: int = 1, seed: int = 1234) -> DistInfo:
     init_process_group()
     world = dist.get_world_size()
     if world % (tp * pp):
-        raise ValueError(f"world size {world} not divisible by tp*pp (tp={tp}, pp={pp}, world={world})")
+        raise InputError(f"world size {world} not divisible by tp*pp (tp={tp}, pp={pp}, world={world})")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from megatron_prune.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def token_windows(ids: list[int], seq_length: int, max_tokens: int | None = None
         ids = ids[: max_tokens + 1]
     n = (len(ids) - 1) // seq_length
     if n < 1:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of seq_length+1={seq_length + 1}")
+        raise InputError(f"text has {len(ids)} tokens, fewer than one window of seq_length+1={seq_length + 1}")
     t = torch.tensor(ids[: n * seq_length + 1], dtype=torch.long)
     return torch.stack([t[i * seq_length:(i + 1) * seq_length + 1] for i in range(n)])
 

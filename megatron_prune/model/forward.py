@@ -8,6 +8,8 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_prune.checkpoint import layout
+
 
 def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """megatron's convention: True = masked out. Passed explicitly (megatron's default builds it on CUDA)."""
@@ -18,11 +20,10 @@ def mask_padded_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
     """Set logits of padded vocab entries (global index >= true_vocab) to the dtype's minimum on this TP rank."""
     from megatron.core import parallel_state as ps
 
-    v_local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * v_local
-    if start + v_local <= true_vocab:
+    v_local, rank = logits.shape[-1], ps.get_tensor_model_parallel_rank()
+    if layout.block_range(v_local, rank).stop <= true_vocab:
         return logits
-    keep = torch.arange(start, start + v_local, device=logits.device) < true_vocab
+    keep = layout.vocab_keep_mask(v_local, rank, true_vocab, logits.device)
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 

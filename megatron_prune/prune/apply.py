@@ -1,12 +1,10 @@
 """Apply a PrunePlan to one TP rank's Megatron shard: pure (state dict in, state dict out), PP=1.
 
-A plan is in global indices of the source model; rank r holds groups [r*G/tp, (r+1)*G/tp) and FFN channels
-[r*F/tp, (r+1)*F/tp), so it keeps whatever kept indices fall there (equal counts in balance mode, any counts in
-global mode). Hidden channels are not split over TP: every rank slices the same hidden columns/rows.
-
-Local layouts (checkpoint.layout): linear_qkv rows are, per local group, [q heads of the group; k; v] (each
-kv_channels rows); linear_proj columns are the local heads in (group, head) order; linear_fc1 rows are
-[gate_r; up_r]; linear_fc2 columns are the local FFN channels.
+A plan is in global indices of the source model; each rank keeps whatever kept groups / FFN channels fall in
+the block it owns (checkpoint.layout: rank r owns block r; equal counts in balance mode, any counts in global
+mode). Hidden channels are not split over TP: every rank slices the same hidden columns/rows. Which rows and
+columns of a shard hold the kept units (qkv interleave, fc1 [gate_r; up_r], proj heads) is checkpoint.layout's
+knowledge; this module only pairs it with the plan and the key names (checkpoint.keys).
 """
 
 from __future__ import annotations
@@ -15,21 +13,20 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.keys import (EMBEDDING, FINAL_NORM, LAYER_EXTRA_STATE, OUTPUT, OUTPUT_EXTRA_STATE,
+from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, LAYER_EXTRA_STATE,
+                                            LAYER_MAPS, OUTPUT, OUTPUT_EXTRA_STATE, PRE_MLP_NORM, PROJ, QKV,
                                             to_local_names, to_te_names)
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.prune.plan import STRUCTURE, LayerPlan, PlanError, PrunePlan
 
 Release = Callable[[torch.Tensor], None]
-_L = "decoder.layers.{}."
 
 
 def local_positions(kept: Sequence[int], total: int, tp: int, rank: int) -> list[int]:
     """Positions inside rank `rank`'s contiguous partition of the kept global indices that fall in it."""
-    per = total // tp
-    lo = rank * per
-    return [k - lo for k in kept if lo <= k < lo + per]
+    return layout.local_indices(kept, total, tp, rank)
 
 
 def _index(idx: Sequence[int]) -> torch.Tensor:
@@ -37,32 +34,17 @@ def _index(idx: Sequence[int]) -> torch.Tensor:
 
 
 def qkv_rows(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    d, hpg, gpr = src.kv_channels, src.heads_per_group, src.num_query_groups // tp
-    rows: list[int] = []
-    for g, heads in zip(lp.groups, lp.heads):
-        if not rank * gpr <= g < (rank + 1) * gpr:
-            continue
-        base = (g - rank * gpr) * (hpg + 2) * d
-        for slot in (*heads, hpg, hpg + 1):  # kept q heads, then k, then v
-            rows.extend(range(base + slot * d, base + (slot + 1) * d))
-    return _index(rows)
+    return _index(layout.qkv_shard_rows(lp.groups, lp.heads, src.heads_per_group, src.kv_channels,
+                                        src.num_query_groups, tp, rank))
 
 
 def proj_cols(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    d, hpg, gpr = src.kv_channels, src.heads_per_group, src.num_query_groups // tp
-    cols: list[int] = []
-    for g, heads in zip(lp.groups, lp.heads):
-        if rank * gpr <= g < (rank + 1) * gpr:
-            for h in heads:
-                head = (g - rank * gpr) * hpg + h
-                cols.extend(range(head * d, (head + 1) * d))
-    return _index(cols)
+    return _index(layout.proj_shard_cols(lp.groups, lp.heads, src.heads_per_group, src.kv_channels,
+                                         src.num_query_groups, tp, rank))
 
 
 def fc1_rows(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    local = local_positions(lp.ffn, src.ffn_hidden_size, tp, rank)
-    per = src.ffn_hidden_size // tp
-    return _index(local + [per + i for i in local])  # gate_r then up_r
+    return _index(layout.fc1_shard_rows(lp.ffn, src.ffn_hidden_size, tp, rank))
 
 
 def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,15 +64,11 @@ def _is_all(idx: torch.Tensor, n: int) -> bool:
 def expected_keys(src: LlamaShape) -> list[str]:
     keys = [EMBEDDING.mcore]
     for i in range(src.num_layers):
-        keys += [_L.format(i) + s for s in _LAYER_SUFFIXES] + [t.format(i) for t in LAYER_EXTRA_STATE]
+        keys += [m.mcore.format(i) for m in LAYER_MAPS] + [t.format(i) for t in LAYER_EXTRA_STATE]
     keys.append(FINAL_NORM.mcore)
     if not src.tie_word_embeddings:
         keys.append(OUTPUT.mcore)
     return keys + [OUTPUT_EXTRA_STATE]
-
-
-_LAYER_SUFFIXES = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-                   "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 
 
 def check_shard_keys(sd: dict, src: LlamaShape) -> None:
@@ -131,17 +109,15 @@ def apply_rank(sd: dict, plan: PrunePlan, tp: int, tp_rank: int, te_names: bool 
 
 def _layer(get, sd: dict, lp: LayerPlan, new: int, src: LlamaShape, tp: int, rank: int, hidden: torch.Tensor
            ) -> dict:
-    a, b = _L.format(lp.source), _L.format(new)
+    a, b = lp.source, new
     ffn = _index(local_positions(lp.ffn, src.ffn_hidden_size, tp, rank))
     out = {
-        b + "input_layernorm.weight": get(a + "input_layernorm.weight", rows=hidden),
-        b + "self_attention.linear_qkv.weight": get(a + "self_attention.linear_qkv.weight",
-                                                    rows=qkv_rows(lp, src, tp, rank), cols=hidden),
-        b + "self_attention.linear_proj.weight": get(a + "self_attention.linear_proj.weight", rows=hidden,
-                                                     cols=proj_cols(lp, src, tp, rank)),
-        b + "pre_mlp_layernorm.weight": get(a + "pre_mlp_layernorm.weight", rows=hidden),
-        b + "mlp.linear_fc1.weight": get(a + "mlp.linear_fc1.weight", rows=fc1_rows(lp, src, tp, rank), cols=hidden),
-        b + "mlp.linear_fc2.weight": get(a + "mlp.linear_fc2.weight", rows=hidden, cols=ffn),
+        INPUT_NORM.mcore.format(b): get(INPUT_NORM.mcore.format(a), rows=hidden),
+        QKV.mcore.format(b): get(QKV.mcore.format(a), rows=qkv_rows(lp, src, tp, rank), cols=hidden),
+        PROJ.mcore.format(b): get(PROJ.mcore.format(a), rows=hidden, cols=proj_cols(lp, src, tp, rank)),
+        PRE_MLP_NORM.mcore.format(b): get(PRE_MLP_NORM.mcore.format(a), rows=hidden),
+        FC1.mcore.format(b): get(FC1.mcore.format(a), rows=fc1_rows(lp, src, tp, rank), cols=hidden),
+        FC2.mcore.format(b): get(FC2.mcore.format(a), rows=hidden, cols=ffn),
     }
     for t in LAYER_EXTRA_STATE:
         out[t.format(new)] = sd.get(t.format(lp.source))

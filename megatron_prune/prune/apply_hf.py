@@ -13,11 +13,13 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
+from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
-from megatron_prune.checkpoint.keys import hf_expected_keys
-from megatron_prune.config.shape import LlamaShape, canonical_dtype
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, OUTPUT, PRE_MLP_NORM, PROJ,
+                                            QKV, hf_expected_keys)
+from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape, canonical_dtype
 from megatron_prune.prune.apply import take, target_shape
 from megatron_prune.prune.plan import LayerPlan, PrunePlan
 
@@ -41,44 +43,40 @@ def _ix(idx: list[int]) -> torch.Tensor:
 
 def head_rows(lp: LayerPlan, src: LlamaShape) -> torch.Tensor:
     """Rows of q_proj (= columns of o_proj) of the kept heads, in (group, head) order."""
-    d, hpg = src.kv_channels, src.heads_per_group
-    return _ix([r for g, heads in zip(lp.groups, lp.heads) for h in heads
-                for r in range((g * hpg + h) * d, (g * hpg + h + 1) * d)])
+    return _ix(layout.hf_head_rows(lp.groups, lp.heads, src.heads_per_group, src.kv_channels))
 
 
 def group_rows(lp: LayerPlan, src: LlamaShape) -> torch.Tensor:
     """Rows of k_proj / v_proj of the kept query groups."""
-    d = src.kv_channels
-    return _ix([r for g in lp.groups for r in range(g * d, (g + 1) * d)])
+    return _ix(layout.hf_group_rows(lp.groups, src.kv_channels))
 
 
 def prune_hf_tensors(get: Getter, plan: PrunePlan) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF key, pruned tensor) for the whole model; `get(key)` returns the full source tensor."""
     src = plan.source
     hidden = _ix(list(plan.hidden))
-    yield "model.embed_tokens.weight", take(get("model.embed_tokens.weight"), cols=hidden)
+    (embed,), (norm,), (lm_head,) = EMBEDDING.hf, FINAL_NORM.hf, OUTPUT.hf
+    yield embed, take(get(embed), cols=hidden)
     for new, lp in enumerate(plan.layers):
-        a, b = f"model.layers.{lp.source}.", f"model.layers.{new}."
         heads, groups, ffn = head_rows(lp, src), group_rows(lp, src), _ix(list(lp.ffn))
-        yield b + "input_layernorm.weight", take(get(a + "input_layernorm.weight"), rows=hidden)
-        yield b + "self_attn.q_proj.weight", take(get(a + "self_attn.q_proj.weight"), rows=heads, cols=hidden)
-        yield b + "self_attn.k_proj.weight", take(get(a + "self_attn.k_proj.weight"), rows=groups, cols=hidden)
-        yield b + "self_attn.v_proj.weight", take(get(a + "self_attn.v_proj.weight"), rows=groups, cols=hidden)
-        yield b + "self_attn.o_proj.weight", take(get(a + "self_attn.o_proj.weight"), rows=hidden, cols=heads)
-        yield b + "post_attention_layernorm.weight", take(get(a + "post_attention_layernorm.weight"), rows=hidden)
-        yield b + "mlp.gate_proj.weight", take(get(a + "mlp.gate_proj.weight"), rows=ffn, cols=hidden)
-        yield b + "mlp.up_proj.weight", take(get(a + "mlp.up_proj.weight"), rows=ffn, cols=hidden)
-        yield b + "mlp.down_proj.weight", take(get(a + "mlp.down_proj.weight"), rows=hidden, cols=ffn)
-    yield "model.norm.weight", take(get("model.norm.weight"), rows=hidden)
+        q, k, v = QKV.hf
+        gate, up = FC1.hf
+        slices = ((INPUT_NORM.hf[0], hidden, None), (q, heads, hidden), (k, groups, hidden), (v, groups, hidden),
+                  (PROJ.hf[0], hidden, heads), (PRE_MLP_NORM.hf[0], hidden, None), (gate, ffn, hidden),
+                  (up, ffn, hidden), (FC2.hf[0], hidden, ffn))
+        for key, rows, cols in slices:
+            yield key.format(new), take(get(key.format(lp.source)), rows=rows, cols=cols)
+    yield norm, take(get(norm), rows=hidden)
     if not src.tie_word_embeddings:
-        yield "lm_head.weight", take(get("lm_head.weight"), cols=hidden)
+        yield lm_head, take(get(lm_head), cols=hidden)
 
 
 def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str | None = None,
-             overwrite: bool = False, progress: bool = True, allow_non_finite: bool = False) -> LlamaShape:
+             overwrite: bool = False, progress: bool = True, plan_path: str | Path | None = None,
+             allow_non_finite: bool = False) -> LlamaShape:
     """Prune an HF directory by `plan` into `save` (atomic); returns the pruned shape. Source tensors holding
     NaN / Inf are refused as they are read (unless allow_non_finite)."""
-    check_output_dir(save, overwrite)
+    check_output_dir(save, overwrite, inputs={"--hf-dir": hf_dir, "--plan": plan_path})
     with HFReader(hf_dir) as reader:
         plan.check_source(reader.shape, "HF model")
         missing = [k for k in hf_expected_keys(reader.shape.num_layers, reader.shape.tie_word_embeddings)
@@ -91,6 +89,7 @@ def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str |
         config = shape.to_hf_config(reader.config)
         cast = TORCH_DTYPE[shape.dtype]
         total = 3 + 9 * shape.num_layers - shape.tie_word_embeddings
+        check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
 
         def get(key: str) -> torch.Tensor:
             t = reader[key][:]

@@ -10,8 +10,9 @@ magnitude (data-free): L2 norms of weights: embedding columns (hidden), linear_p
   linear_fc2 columns (FFN channel). No layer scores.
 
 Each rank scores its local heads / FFN channels; all-gather over TP concatenates them in rank order, which is
-global order (megatron splits groups and FFN channels contiguously). Hidden and layer scores are computed from
-replicated activations, identical on every rank; TP rank 0's copy is broadcast so the choice cannot diverge.
+global order (checkpoint.layout: rank r owns contiguous block r of groups and FFN channels). Hidden and layer
+scores are computed from replicated activations, identical on every rank; TP rank 0's copy is broadcast so the
+choice cannot diverge.
 Activations are megatron's [seq, batch, channels].
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_prune.checkpoint.keys import EMBEDDING, to_local_names
+from megatron_prune.checkpoint.keys import EMBEDDING, FC2, PROJ, to_local_names
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.prune.select import Scores
 
@@ -75,10 +76,10 @@ def magnitude_scores(sd: dict, shape: LlamaShape, group=None) -> Scores:
     emb_sq = sd[EMBEDDING.mcore].float().pow(2).sum(dim=0)  # vocab rows are split over TP: sum, then sqrt
     heads, ffn = [], []
     for i in range(shape.num_layers):
-        proj = sd[f"decoder.layers.{i}.self_attention.linear_proj.weight"].float()
+        proj = sd[PROJ.mcore.format(i)].float()
         per_head = proj.view(proj.shape[0], -1, d).pow(2).sum(dim=(0, 2)).sqrt()
         heads.append(per_head.view(-1, hpg))
-        ffn.append(sd[f"decoder.layers.{i}.mlp.linear_fc2.weight"].float().pow(2).sum(dim=0).sqrt())
+        ffn.append(sd[FC2.mcore.format(i)].float().pow(2).sum(dim=0).sqrt())
     return Scores(hidden=sum_over_ranks(emb_sq, group).sqrt(), heads=gather_dim1(torch.stack(heads), group),
                   ffn=gather_dim1(torch.stack(ffn), group), layers=None)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from megatron_prune.checkpoint.layout import kept_per_rank
+from megatron_prune.errors import UserError
 from megatron_prune.config.shape import LlamaShape
 
 SCHEMA_VERSION = 1
@@ -26,7 +28,7 @@ STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_head
              "kv_channels", "vocab_size", "tie_word_embeddings")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan that is inconsistent, or that does not fit a checkpoint / TP size; the message names every factor."""
 
 
@@ -119,8 +121,8 @@ class PrunePlan:
     def rank_counts(self, tp: int) -> dict[str, list[list[int]]]:
         """Kept groups and FFN channels per TP rank, per kept layer: {"groups": [[g_r0, g_r1..]..], "ffn": ...}."""
         s = self.source
-        return {"groups": [_per_rank(lp.groups, s.num_query_groups, tp) for lp in self.layers],
-                "ffn": [_per_rank(lp.ffn, s.ffn_hidden_size, tp) for lp in self.layers]}
+        return {"groups": [kept_per_rank(lp.groups, s.num_query_groups, tp) for lp in self.layers],
+                "ffn": [kept_per_rank(lp.ffn, s.ffn_hidden_size, tp) for lp in self.layers]}
 
     def is_balanced(self, tp: int) -> bool:
         counts = self.rank_counts(tp)
@@ -181,7 +183,7 @@ class PrunePlan:
     def load(cls, path: str | Path) -> "PrunePlan":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such plan file")
+            raise PlanError(f"{path}: no such plan file")
         try:
             return cls.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
@@ -199,10 +201,3 @@ class PrunePlan:
                 f"{s.num_query_groups}->{t.num_query_groups} ffn {s.ffn_hidden_size}->{t.ffn_hidden_size} "
                 f"params {s.num_params():,}->{t.num_params():,}")
 
-
-def _per_rank(kept: Sequence[int], total: int, tp: int) -> list[int]:
-    per = total // tp
-    counts = [0] * tp
-    for i in kept:
-        counts[i // per] += 1
-    return counts

@@ -1,6 +1,7 @@
 """The distributed pruner: one process per TP rank (torchrun), PP=1.
 
     check(cfg)             every user error, in one process, before any work (the CLI's --check-only)
+    search_shapes(...)     `--target-params`: candidate shapes for a parameter budget, in one process
     prune_checkpoint(cfg)  on every rank: load the shard (mmap), make or read the plan, check that every rank
                            holds the same plan, apply it, write (each rank its file into a temp dir, barrier,
                            rank 0 writes plan + meta + tracker last and renames)
@@ -21,14 +22,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.atomic import check_output_dir
+from megatron_prune.checkpoint.atomic import check_free_space, check_output_dir, temp_name
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
-from megatron_prune.config.shape import LlamaShape
+from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
+from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
 from megatron_prune.prune.select import PruneTarget
 
 PLAN_FILE = "prune_plan.json"
@@ -46,7 +49,7 @@ class CalibConfig:
     def __post_init__(self) -> None:
         for name in ("samples", "seq_length", "micro_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,14 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if (self.target is None) == (self.plan is None):
-            raise ValueError("give either target sizes or --plan FILE (not both)")
+            raise InputError("give either target sizes or --plan FILE (not both)")
         if self.importance not in METHODS[:3]:
-            raise ValueError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+            raise InputError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+
+    def inputs(self) -> dict[str, str | None]:
+        """Every path this run reads (the output must not overlap any of them)."""
+        return {"--load": self.load, "--plan": self.plan, "--calib-data": self.calib.data,
+                "--tokenizer": self.calib.tokenizer}
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,9 @@ class PruneResult:
     peak_rss: list[int]   # bytes, per TP rank
 
 
-def check(cfg: PruneConfig) -> Prepared:
-    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
-    load = Path(cfg.load)
+def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
+    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards."""
+    load = Path(load)
     meta = mio.read_meta(load)
     iteration = mio.read_tracker(load)
     check_rank_files(load, meta, iteration)
@@ -97,9 +105,25 @@ def check(cfg: PruneConfig) -> Prepared:
                               f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
     if meta.rank_sizes:
         raise CheckpointError(f"{load}: shards are uneven (global-mode pruning); reshard it before pruning again")
-    if Path(cfg.save).resolve() == load.resolve():
-        raise ValueError(f"--save {cfg.save} is the input checkpoint; write the pruned one elsewhere")
-    check_output_dir(cfg.save, cfg.overwrite)
+    return meta, iteration
+
+
+def search_shapes(load: str | Path, target_params: str, limits: SearchLimits
+                  ) -> tuple[mio.CheckpointMeta, int, list[Candidate]]:
+    """(meta, budget, candidate shapes) for `--target-params`, single process, no tensors read."""
+    meta, _ = check_input(load)
+    budget = parse_budget(target_params, meta.shape.num_params())
+    try:
+        return meta, budget, search(meta.shape, meta.tp, budget, limits)
+    except BudgetError as e:
+        raise BudgetError(f"{load}: {e}") from None
+
+
+def check(cfg: PruneConfig) -> Prepared:
+    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
+    load = Path(cfg.load)
+    meta, iteration = check_input(load)
+    check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
     plan = None
     if cfg.plan:
         plan = PrunePlan.load(cfg.plan)
@@ -114,6 +138,7 @@ def check(cfg: PruneConfig) -> Prepared:
                             "--drop-layers; magnitude importance has no layer scores")
         if cfg.importance == "activation":
             _calib_source(cfg)
+    check_free_space(Path(cfg.save).parent, target.num_params() * DTYPE_BYTES[target.dtype], cfg.save)
     return Prepared(meta=meta, iteration=iteration, target=target, plan=plan)
 
 
@@ -126,7 +151,7 @@ def _calib_source(cfg: PruneConfig) -> tuple[str, Path]:
         return "indexed", Path(prefix)
     if Path(data).is_file():
         return "text", Path(data)
-    raise FileNotFoundError(f"--calib-data {data}: neither a text/jsonl file nor an indexed dataset prefix "
+    raise InputError(f"--calib-data {data}: neither a text/jsonl file nor an indexed dataset prefix "
                             f"(PREFIX.bin + PREFIX.idx)")
 
 
@@ -152,7 +177,7 @@ def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict
         windows = read_windows(str(path), c.tokenizer or cfg.load, c.seq_length, want)
     windows = windows[: c.samples]
     if int(windows.max()) >= vocab:
-        raise ValueError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
+        raise InputError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
                          f"dataset does not belong to this model")
     digest = hashlib.sha256(windows.numpy().astype("int64").tobytes()).hexdigest()
     return windows, {"source": str(path), "kind": kind, "samples": len(windows), "seq_length": c.seq_length,
@@ -220,7 +245,7 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     init_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != meta.tp:
-        raise ValueError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
+        raise InputError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
                          f"(torchrun --nproc-per-node {meta.tp})")
     times = {}
     t0 = time.perf_counter()
@@ -277,10 +302,10 @@ def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None
     """Atomic multi-process write: temp dir (rank 0) -> every rank's file -> all ok? -> rank 0 finalizes and
     renames. Any failure on any rank removes the temp dir and raises on every rank; nothing is left at --save."""
     save = Path(cfg.save).resolve()
-    tmp = save.parent / f".{save.name}.tmp-{os.getpid()}"
+    tmp = save.parent / temp_name(save.name)
 
     def make_tmp() -> None:
-        check_output_dir(save, cfg.overwrite)
+        check_output_dir(save, cfg.overwrite, inputs=cfg.inputs())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 

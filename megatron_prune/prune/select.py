@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_prune.checkpoint.layout import rank_range
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.prune.plan import MODES, LayerPlan, PlanError, PrunePlan
 
@@ -111,10 +112,11 @@ def top_per_part(scores: torch.Tensor, k: int, parts: int) -> list[int]:
     n = scores.shape[0]
     if n % parts or k % parts:
         raise PlanError(f"cannot keep {k} of {n} evenly over {parts} partitions (n={n}, keep={k}, parts={parts})")
-    per, keep = n // parts, k // parts
+    keep = k // parts
     out: list[int] = []
     for p in range(parts):
-        out += [p * per + i for i in top(scores[p * per:(p + 1) * per], keep)]
+        own = rank_range(n, parts, p)
+        out += [own.start + i for i in top(scores[own.start:own.stop], keep)]
     return out
 
 

@@ -156,11 +156,10 @@ def _detached(obj: Any) -> Any:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import os
+    """Partial files are removed on failure (a full disk stays usable); ENOSPC is one line."""
+    from megatron_prune.checkpoint.atomic import atomic_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def prune_old_checkpoints(root: Path, keep_last: int) -> list[Path]:

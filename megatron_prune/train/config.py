@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from megatron_prune.errors import UserError
+
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid training configuration; the message names every factor involved."""
 
 
@@ -36,6 +38,7 @@ class TrainConfig:
     pp: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    use_te: bool = False                 # Transformer Engine layers (GPU with transformer_engine only)
     # --- batch and length of training
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -141,6 +144,17 @@ class TrainConfig:
         if self.save is None and (self.save_interval or self.exit_interval):
             raise ConfigError(f"save_interval={self.save_interval} / exit_interval={self.exit_interval} "
                               f"need --save")
+        if self.save is not None:
+            self._check_save_paths()
+
+    def _check_save_paths(self) -> None:
+        """--save may be --load itself (Megatron-LM's resume idiom), but may not lie inside it, contain it, or
+        overlap the teacher."""
+        from megatron_prune.checkpoint.atomic import check_no_overlap
+
+        if self.load and Path(self.load).expanduser().resolve() != Path(self.save).expanduser().resolve():
+            check_no_overlap(self.save, {"--load": self.load})
+        check_no_overlap(self.save, {"--teacher-load": self.teacher_load})
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from megatron_prune.errors import InputError
 from megatron_prune.train.config import ConfigError, TrainConfig, parse_blend, parse_split
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -30,7 +31,7 @@ def _check_prefixes(prefixes: list[str]) -> None:
 
     missing = [p for p in prefixes if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
     if missing:
-        raise FileNotFoundError(f"indexed dataset(s) not found: {', '.join(missing)} (expected PREFIX.bin and "
+        raise InputError(f"indexed dataset(s) not found: {', '.join(missing)} (expected PREFIX.bin and "
                                 f"PREFIX.idx, e.g. written by `python -m megatron_prune preprocess`)")
 
 

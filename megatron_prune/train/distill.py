@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron_prune.errors import InputError
+
+from megatron_prune.checkpoint.layout import vocab_keep_mask  # noqa: F401  (the padded-vocab rule; re-exported)
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -60,12 +63,6 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def vocab_keep_mask(v_local: int, tp_rank: int, true_vocab: int, device=None) -> torch.Tensor:
-    """True for the real (unpadded) vocabulary entries of this TP rank's logit slice."""
-    start = tp_rank * v_local
-    return torch.arange(start, start + v_local, device=device) < true_vocab
-
-
 def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, true_vocab: int,
                     temperature: float = 1.0, tp_group=None, tp_rank: int | None = None) -> torch.Tensor:
     """Per-token T^2 * KL(teacher || student) [b, s] from vocab-parallel logits [b, s, v/tp] (fp32 math).
@@ -73,7 +70,7 @@ def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Without `tp_rank`, the TP group and rank are megatron-core's for this process; with `tp_rank` given, the
     logits are this rank's slice and `tp_group` the group to reduce over (None: a single rank)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+        raise InputError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ (same vocabulary and TP size required)")
     if tp_rank is None:
         from megatron.core import parallel_state as ps

@@ -20,6 +20,7 @@ from typing import Any, Iterator, TextIO
 import torch
 import torch.distributed as dist
 
+from megatron_prune.errors import UserError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.train import checkpointing as ckpt
 from megatron_prune.train.config import ConfigError, TrainConfig
@@ -27,7 +28,7 @@ from megatron_prune.train.data import BatchPlan, DataSplits, build_datasets, che
 from megatron_prune.train.metrics import IntervalStats, MetricsWriter, default_peak_tflops, train_flops_per_token
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -105,11 +106,12 @@ def _build_student(cfg: TrainConfig, point: ckpt.ResumePoint, info):
     check_loadable(point.meta, info, point.root)
     meta = point.meta.replace(shape=point.meta.shape.replace(dtype=cfg.dtype))
     history = tuple(h for h in meta.history if h.get("op") != "train")  # keep the latest train entry only
-    meta = meta.replace(history=history)
+    # te_names: the saved model keys are those of the layers built here (our loaders accept either spelling)
+    meta = meta.replace(history=history, te_names=cfg.use_te)
     model = build_model(meta.shape, model_options(meta, dtype=cfg.dtype, seq_length=cfg.seq_length,
-                                                  sequence_parallel=cfg.sequence_parallel))
+                                                  sequence_parallel=cfg.sequence_parallel, use_te=cfg.use_te))
     state = ckpt.load_rank_state(point, info)
-    load_shard(model, state["model"])
+    load_shard(model, state["model"], use_te=cfg.use_te)
     config = model.config
     config.calculate_per_token_loss = True          # read by DDP at construction: set before wrapping
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

@@ -21,8 +21,12 @@ import torch
 
 from megatron_prune.config.shape import LlamaShape
 
-# Dense bf16 peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity); --peak-tflops overrides.
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 peak TFLOP/s per device (vendor data sheets, no sparsity); --peak-tflops overrides. Matched as
+# substrings of the CUDA device name in this order, so the more specific names come first ("H100 PCIe" before
+# "H100", "L40S" before "L40" before "L4").
+KNOWN_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0,
+                     "H800": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
+                     "L4": 121.0, "A10": 125.0}
 
 
 def forward_flops_per_token(shape: LlamaShape, seq_length: int, padded_vocab: int | None = None) -> float:
@@ -41,11 +45,12 @@ def train_flops_per_token(shape: LlamaShape, seq_length: int, padded_vocab: int 
     return flops
 
 
+def peak_tflops_for(device_name: str) -> float | None:
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in device_name), None)
+
+
 def default_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops_for(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def memory_stats() -> dict[str, float]:

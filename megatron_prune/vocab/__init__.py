@@ -1,8 +1,9 @@
-"""Vocabulary pruning: count token frequencies of a corpus, keep the N most frequent tokens (plus specials, byte
-fallbacks and the pieces kept tokens are merged through), and slice the embedding / output rows of Megatron
-(TP/PP) and HF checkpoints to match.
+"""Vocabulary pruning: count token frequencies of a corpus, keep an N-token vocabulary (specials, byte fallbacks,
+then the most frequent tokens with the pieces they are merged through), and slice the embedding / output rows of
+Megatron (TP/PP) and HF checkpoints to match.
 
-    counts.py           token counts of a corpus (multiprocess), counts.json, choosing the top ids
+    counts.py           token counts of a corpus (multiprocess), counts.json, the top ids (--keep-min)
+    plan.py             the kept ids for a final vocabulary size (--keep)
     tokenizer_files.py  a tokenizer on disk (SentencePiece .model / HF tokenizer.json / both) read into memory
     spm.py              SentencePiece ModelProto surgery (pure)
     hf_tokenizer.py     tokenizer.json surgery (pure)

@@ -16,13 +16,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megatron_prune.errors import UserError
 from megatron_prune.checkpoint.atomic import atomic_write_text
 
 COUNTS_FORMAT = "megatron_prune.vocab_counts/1"
 BATCH_BYTES = 1 << 20  # documents are sent to workers in ~1 MB batches
 
 
-class CountsError(ValueError):
+class CountsError(UserError, ValueError):
     """A counts file that is invalid or does not belong to the tokenizer; the message says which."""
 
 
@@ -87,7 +88,7 @@ def top_ids(counts: Sequence[int], keep: int, exclude: Iterable[int]) -> list[in
     excluded = set(exclude)
     candidates = [i for i in range(len(counts)) if i not in excluded]
     if not 1 <= keep <= len(candidates):
-        raise CountsError(f"--keep {keep} must be between 1 and the {len(candidates)} prunable tokens of the "
+        raise CountsError(f"--keep-min {keep} must be between 1 and the {len(candidates)} prunable tokens of the "
                           f"vocabulary ({len(counts)} ids, of which {len(excluded)} are always kept: special, "
                           "byte-fallback and config-named tokens)")
     candidates.sort(key=lambda i: (-counts[i], i))

@@ -2,8 +2,9 @@
 
 Pruning rebuilds `model.vocab` with the new ids, keeps only the merges whose two parts and result are all kept
 (the `tokenizers` loader rejects any other), and renumbers `added_tokens` and the post-processor's special ids.
-Always kept: added tokens, the unknown token, the 256-character byte-level alphabet (byte-level models) and the
-`<0xXX>` pieces (byte_fallback models): whatever is dropped is still encodable through them.
+Always kept: added tokens, the unknown token, the 256-character byte-level alphabet (byte-level models), the
+`<0xXX>` pieces (byte_fallback models): whatever is dropped is still encodable through them; and "▁" in
+SentencePiece-style tokenizers (see `always_keep`).
 
 As with SentencePiece BPE, a kept token may be reachable only through a dropped one; `merge_closure` adds the
 characters and intermediates of every kept token's merge sequence (lowest merge rank first, leftmost on ties, as
@@ -13,12 +14,15 @@ characters and intermediates of every kept token's merge sequence (lowest merge 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+import json
+from typing import Any, Callable, Iterable
 
+from megatron_prune.errors import UserError
 from megatron_prune.vocab.slice import VocabMap
+from megatron_prune.vocab.spm import SPACE, closure
 
 
-class HFTokenizerError(ValueError):
+class HFTokenizerError(UserError, ValueError):
     """A tokenizer.json this module cannot prune; the message says why."""
 
 
@@ -73,7 +77,14 @@ def always_keep(tj: dict) -> set[int]:
         keep |= {vocab[t] for t in (f"<0x{b:02X}>" for b in range(256)) if t in vocab}
     if _uses_byte_level(tj):
         keep |= {vocab[c] for c in byte_level_alphabet() if c in vocab}
+    if SPACE in vocab and _uses_space_symbol(tj):  # as in spm.always_keep: the decoder replaces "▁" before bytes
+        keep.add(vocab[SPACE])
     return keep
+
+
+def _uses_space_symbol(tj: dict) -> bool:
+    """SentencePiece-style tokenizers (Metaspace, or Replace(" ", "▁") as in LLaMA-2's conversion)."""
+    return any(SPACE in json.dumps(tj.get(k), ensure_ascii=False) for k in ("normalizer", "pre_tokenizer", "decoder"))
 
 
 def _derivation(token: str, ranks: dict[tuple[str, str], int]) -> list[str] | None:
@@ -95,22 +106,25 @@ def _derivation(token: str, ranks: dict[tuple[str, str], int]) -> list[str] | No
     return formed if symbols == [token] else None
 
 
-def merge_closure(tj: dict, ids: Iterable[int]) -> set[int]:
+def derivations(tj: dict) -> Callable[[int], list[int]]:
+    """id -> ids of the characters and merge results BPE goes through to build that token (tables built once)."""
     model = _model(tj)
     vocab = model["vocab"]
     ranks: dict[tuple[str, str], int] = {}
     for r, pair in enumerate(_merge_pairs(model)):
         ranks.setdefault(pair, r)
     names = tokens(tj)
-    kept = set(ids)
-    todo = [i for i in kept if names[i] in vocab and len(names[i]) > 1]
-    while todo:
-        for formed in _derivation(names[todo.pop()], ranks) or ():
-            j = vocab[formed]
-            if j not in kept:
-                kept.add(j)
-                todo.append(j)
-    return kept
+
+    def formed(i: int) -> list[int]:
+        if names[i] not in vocab or len(names[i]) < 2:  # added tokens are never merged
+            return []
+        return [vocab[t] for t in _derivation(names[i], ranks) or () if t in vocab]
+
+    return formed
+
+
+def merge_closure(tj: dict, ids: Iterable[int]) -> set[int]:
+    return closure(ids, derivations(tj))
 
 
 def prune_tokenizer_json(tj: dict, vmap: VocabMap) -> dict:
@@ -173,8 +187,6 @@ def remap_added_tokens(added: dict[str, int], vmap: VocabMap) -> dict[str, int]:
 
 
 def check_loadable(tj: dict) -> None:
-    import json
-
     from tokenizers import Tokenizer
 
     try:

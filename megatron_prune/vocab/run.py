@@ -4,6 +4,8 @@
     prune_vocab(counts, keep, tokenizer, save, hf_dir=DIR)    HF checkpoint
     prune_vocab(counts, keep, tokenizer, save)                the tokenizer alone
 
+`keep` is the final vocabulary size (`keep_min=True`: the older "top `keep` plus what must stay"; see plan.py).
+
 The output holds the pruned tokenizer, `vocab_map.json` (old -> new ids) and, for checkpoints, the weights with
 the embedding / output rows of the kept ids (Megatron: re-padded for its TP size) and the history entry.
 """
@@ -14,23 +16,26 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import TOKENIZER_FILES, CheckpointError, HFReader, write_hf_checkpoint
 from megatron_prune.checkpoint.keys import EMBEDDING, OUTPUT
 from megatron_prune.config.shape import read_hf_config
-from megatron_prune.vocab.counts import TokenCounts, check_counts_match, read_counts, top_ids
+from megatron_prune.vocab.counts import check_counts_match, read_counts
+from megatron_prune.vocab.plan import plan_vocab
 from megatron_prune.vocab.slice import (HF_VOCAB_KEYS, VocabMap, config_token_ids, remap_config_ids, slice_rows,
                                         slice_stage, stage_vocab_keys)
 from megatron_prune.vocab.tokenizer_files import (HF_NAME, SPM_NAME, STALE_FILES, TokenizerSource, remap_side_file,
                                                   side_file_ids)
 
 VOCAB_MAP = "vocab_map.json"
+Plan = Callable[[Iterable[int]], tuple[VocabMap, dict[str, Any]]]  # config-named ids -> kept ids, stats
 # Root files that describe the old vocabulary: replaced by the pruned tokenizer's, else left out.
 VOCAB_FILES = (SPM_NAME, HF_NAME, *STALE_FILES)
 
@@ -42,28 +47,6 @@ class PruneVocabResult:
     meta: mio.CheckpointMeta | None = None      # --load
     config: dict | None = None                  # --hf-dir
     notes: list[str] = field(default_factory=list)
-
-
-def plan_vocab(source: TokenizerSource, counts: TokenCounts, keep: int, extra_keep: Iterable[int] = ()
-               ) -> tuple[VocabMap, dict[str, Any]]:
-    """Kept ids: the `keep` most frequent, every special / byte token and id a config names, and the pieces the
-    kept ones are merged through."""
-    size = len(counts.counts)
-    extra = set(extra_keep)
-    bad = sorted(i for i in extra if not 0 <= i < size)
-    if bad:
-        raise ValueError(f"the checkpoint's configs name token ids {bad[:5]} outside the tokenizer's {size} ids")
-    always = source.always_keep() | extra
-    top = top_ids(counts.counts, keep, always)
-    chosen = always | set(top)
-    kept = source.closure(chosen)
-    vmap = VocabMap(size, tuple(sorted(kept)))
-    total = counts.total
-    stats = {"keep": keep, "old_vocab_size": size, "vocab_size": vmap.new_size, "always_kept": len(always),
-             "merge_closure_added": len(kept) - len(chosen),
-             "kept_never_counted": sum(1 for i in top if counts.counts[i] == 0),
-             "coverage": sum(counts.counts[i] for i in kept) / total if total else None}
-    return vmap, stats
 
 
 def _root_files(src: Path, names: Iterable[str]) -> dict[str, bytes]:
@@ -91,24 +74,26 @@ def _write_files(dst: Path, files: dict[str, bytes]) -> None:
 
 
 def prune_vocab(counts: str | Path, keep: int, tokenizer: str | Path, save: str | Path, load: str | Path | None = None,
-                hf_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> PruneVocabResult:
+                hf_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                keep_min: bool = False) -> PruneVocabResult:
     if load is not None and hf_dir is not None:
-        raise ValueError("give either --load (Megatron checkpoint) or --hf-dir (HF checkpoint), not both")
-    check_output_dir(save, overwrite)
-    for src in (load, hf_dir):
-        if src is not None and Path(src).resolve() == Path(save).resolve():
-            raise ValueError(f"--save must differ from the source ({src})")
+        raise InputError("give either --load (Megatron checkpoint) or --hf-dir (HF checkpoint), not both")
+    check_output_dir(save, overwrite, inputs={"--load": load, "--hf-dir": hf_dir, "--tokenizer": tokenizer,
+                                              "--counts": counts})
     source = TokenizerSource.read(tokenizer)
     fingerprint = source.fingerprint()
     token_counts = read_counts(counts)
     check_counts_match(token_counts, fingerprint, f"counts {counts}")
+
+    def plan(extra: Iterable[int] = ()) -> tuple[VocabMap, dict[str, Any]]:
+        return plan_vocab(source, token_counts, keep, extra, keep_min)
+
     if load is not None:
-        return _prune_megatron(Path(load), source, token_counts, keep, Path(save), overwrite, progress,
+        return _prune_megatron(Path(load), source, plan, Path(save), overwrite, progress,
                                _details(counts, tokenizer, load))
     if hf_dir is not None:
-        return _prune_hf(Path(hf_dir), source, token_counts, keep, Path(save), overwrite,
-                         _details(counts, tokenizer, hf_dir))
-    vmap, stats = plan_vocab(source, token_counts, keep)
+        return _prune_hf(Path(hf_dir), source, plan, Path(save), overwrite, _details(counts, tokenizer, hf_dir))
+    vmap, stats = plan()
     files = source.pruned_files(vmap)
     with atomic_dir(save, overwrite) as tmp:
         _write_files(tmp, files)
@@ -132,17 +117,17 @@ def _check_model_vocab(model_vocab: int, vmap: VocabMap, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- Megatron
-def _prune_megatron(load: Path, source: TokenizerSource, counts: TokenCounts, keep: int, save: Path,
-                    overwrite: bool, progress: bool, details: dict) -> PruneVocabResult:
+def _prune_megatron(load: Path, source: TokenizerSource, plan: Plan, save: Path, overwrite: bool, progress: bool,
+                    details: dict) -> PruneVocabResult:
     meta = mio.read_meta(load)
     iteration = mio.read_tracker(load)
     check_rank_files(load, meta, iteration)
     root = _root_files(load, sorted(f.name for f in load.iterdir() if f.is_file() and f.name not in
                                     (mio.TRACKER, mio.META)))
     extra = config_token_ids(meta.hf_config) | {i for n, d in root.items() for i in side_file_ids(n, d)}
-    vmap, stats = plan_vocab(source, counts, keep, extra)
+    vmap, stats = plan(extra)
     _check_model_vocab(meta.shape.vocab_size, vmap, str(load))
-    new_meta = _pruned_meta(meta, vmap, keep, details)
+    new_meta = _pruned_meta(meta, vmap, stats, details)
     files, notes = _carried_files(root, source.pruned_files(vmap), vmap)
     if meta.shape.vocab_size > vmap.old_size:
         notes.append(f"the model's {meta.shape.vocab_size - vmap.old_size} rows past the tokenizer's {vmap.old_size} "
@@ -160,15 +145,16 @@ def _prune_megatron(load: Path, source: TokenizerSource, counts: TokenCounts, ke
     return PruneVocabResult(vmap, stats, meta=new_meta, notes=notes)
 
 
-def _pruned_meta(meta: mio.CheckpointMeta, vmap: VocabMap, keep: int, details: dict) -> mio.CheckpointMeta:
+def _pruned_meta(meta: mio.CheckpointMeta, vmap: VocabMap, stats: dict, details: dict) -> mio.CheckpointMeta:
     shape = meta.shape.replace(vocab_size=vmap.new_size)
     padded = shape.padded_vocab(meta.make_vocab_size_divisible_by, meta.tp)
     shape.check_parallel(meta.tp, meta.pp, padded)
     hf_config = {**remap_config_ids(meta.hf_config, vmap), "vocab_size": vmap.new_size} if meta.hf_config else {}
     out = meta.replace(shape=shape, padded_vocab_size=padded, hf_config=hf_config)
-    return out.with_history("prune-vocab", keep=keep, old_vocab_size=meta.shape.vocab_size,
-                            vocab_size=vmap.new_size, old_padded_vocab_size=meta.padded_vocab_size,
-                            padded_vocab_size=padded, id_map=VOCAB_MAP, **details)
+    return out.with_history("prune-vocab", keep=stats["keep"], keep_mode=stats["keep_mode"],
+                            old_vocab_size=meta.shape.vocab_size, vocab_size=vmap.new_size,
+                            old_padded_vocab_size=meta.padded_vocab_size, padded_vocab_size=padded,
+                            id_map=VOCAB_MAP, **details)
 
 
 def _write_stage(load: Path, out: Path, meta: mio.CheckpointMeta, new_meta: mio.CheckpointMeta, iteration,
@@ -178,7 +164,7 @@ def _write_stage(load: Path, out: Path, meta: mio.CheckpointMeta, new_meta: mio.
     keys = stage_vocab_keys(meta.pp, pp_rank, meta.shape.tie_word_embeddings)
     try:
         sds = slice_stage([s["model"] for s in states], vmap, meta.shape.vocab_size, new_meta.padded_vocab_size, keys)
-    except KeyError as e:
+    except InputError as e:
         raise CheckpointError(f"{load}: pipeline stage {pp_rank}: {e.args[0]}") from None
     for tp_rank, (state, sd) in enumerate(zip(states, sds)):
         args = _pruned_args(state.get("args"), new_meta)
@@ -196,12 +182,12 @@ def _pruned_args(args, new_meta: mio.CheckpointMeta):
 
 
 # ---------------------------------------------------------------------------- HF
-def _prune_hf(hf_dir: Path, source: TokenizerSource, counts: TokenCounts, keep: int, save: Path, overwrite: bool,
-              details: dict) -> PruneVocabResult:
+def _prune_hf(hf_dir: Path, source: TokenizerSource, plan: Plan, save: Path, overwrite: bool, details: dict
+              ) -> PruneVocabResult:
     config = read_hf_config(hf_dir)
     root = _root_files(hf_dir, TOKENIZER_FILES)
     extra = config_token_ids(config) | {i for n, d in root.items() for i in side_file_ids(n, d)}
-    vmap, stats = plan_vocab(source, counts, keep, extra)
+    vmap, stats = plan(extra)
     new_config = {**remap_config_ids(config, vmap), "vocab_size": vmap.new_size}
     files, notes = _carried_files(root, source.pruned_files(vmap), vmap)
     with HFReader(hf_dir) as reader:

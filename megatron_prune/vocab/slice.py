@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.keys import EMBEDDING, OUTPUT
 
@@ -28,12 +29,12 @@ class VocabMap:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kept", tuple(int(i) for i in self.kept))
         if not self.kept:
-            raise ValueError(f"a vocab map must keep at least one id (old vocab {self.old_size})")
+            raise InputError(f"a vocab map must keep at least one id (old vocab {self.old_size})")
         bad = [i for i in self.kept if not 0 <= i < self.old_size]
         if bad:
-            raise ValueError(f"kept ids {bad[:5]} out of range for old vocab {self.old_size}")
+            raise InputError(f"kept ids {bad[:5]} out of range for old vocab {self.old_size}")
         if any(a >= b for a, b in zip(self.kept, self.kept[1:])):
-            raise ValueError("kept ids must be strictly ascending (the old -> new map is monotone)")
+            raise InputError("kept ids must be strictly ascending (the old -> new map is monotone)")
 
     @property
     def new_size(self) -> int:
@@ -55,7 +56,7 @@ class VocabMap:
         out = []
         for i in ids:
             if int(i) not in table:
-                raise KeyError(f"token id {int(i)} was dropped from the vocabulary")
+                raise InputError(f"token id {int(i)} was dropped from the vocabulary")
             out.append(table[int(i)])
         return out
 
@@ -74,7 +75,7 @@ class VocabMap:
 def slice_rows(table: torch.Tensor, vmap: VocabMap) -> torch.Tensor:
     """Rows of the kept ids; `table` may have rows past the tokenizer's vocabulary (never produced ids)."""
     if table.shape[0] < vmap.old_size:
-        raise ValueError(f"vocab table has {table.shape[0]} rows, fewer than the tokenizer's {vmap.old_size} ids")
+        raise InputError(f"vocab table has {table.shape[0]} rows, fewer than the tokenizer's {vmap.old_size} ids")
     return table.index_select(0, vmap.index())
 
 
@@ -93,7 +94,7 @@ def slice_stage(rank_sds: Sequence[dict[str, Any]], vmap: VocabMap, true_vocab: 
     for key in expected:
         missing = [r for r, sd in enumerate(rank_sds) if key not in sd]
         if missing:
-            raise KeyError(f"vocab tensor {key!r} missing from TP rank(s) {missing}")
+            raise InputError(f"vocab tensor {key!r} missing from TP rank(s) {missing}")
         for sd, shard in zip(out, slice_vocab_shards([sd[key] for sd in rank_sds], true_vocab, vmap, new_padded)):
             sd[key] = shard
     return out

@@ -2,7 +2,8 @@
 
 Pruning removes pieces from `ModelProto.pieces`; scores are left as they are, so the surviving pieces keep their
 relative priorities. Always kept: CONTROL (<s>, </s>), UNKNOWN (<unk>), USER_DEFINED and BYTE pieces (sentencepiece
-refuses a byte_fallback model without all 256 byte pieces, and they are what dropped text falls back to).
+refuses a byte_fallback model without all 256 byte pieces, and they are what dropped text falls back to), and the
+whitespace piece "▁" (see `always_keep`).
 
 BPE models have no merge table: two adjacent symbols merge when their concatenation is a piece, highest score first
 (leftmost on ties). A kept piece may only be reachable through a piece that would be dropped ("▁the" <- "▁th" +
@@ -14,7 +15,9 @@ pieces), but the unknown-piece penalty follows the lowest remaining score, so ra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from megatron_prune.errors import UserError
+
 
 if TYPE_CHECKING:
     from sentencepiece.sentencepiece_model_pb2 import ModelProto
@@ -22,9 +25,10 @@ if TYPE_CHECKING:
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 ALWAYS_KEPT_TYPES = (UNKNOWN, CONTROL, USER_DEFINED, BYTE)
 UNIGRAM, BPE = 1, 2
+SPACE = "\u2581"  # "▁", sentencepiece's whitespace symbol
 
 
-class SpmError(ValueError):
+class SpmError(UserError, ValueError):
     """A SentencePiece model that cannot be read or pruned."""
 
 
@@ -54,7 +58,9 @@ def pieces(model: "ModelProto") -> list[str]:
 
 
 def always_keep(model: "ModelProto") -> set[int]:
-    return {i for i, p in enumerate(model.pieces) if p.type in ALWAYS_KEPT_TYPES}
+    """Specials, bytes and the lone whitespace piece: sentencepiece turns "▁" into a space before byte fallback
+    is decoded, so a "▁" that fell back to bytes would decode as a literal "▁" instead of a space."""
+    return {i for i, p in enumerate(model.pieces) if p.type in ALWAYS_KEPT_TYPES or p.piece == SPACE}
 
 
 def _bpe_derivation(piece: str, scores: dict[str, float]) -> list[str] | None:
@@ -75,19 +81,34 @@ def _bpe_derivation(piece: str, scores: dict[str, float]) -> list[str] | None:
     return formed if symbols == [piece] else None
 
 
-def merge_closure(model: "ModelProto", ids: Iterable[int]) -> set[int]:
-    """`ids` plus, for a BPE model, every piece the kept pieces are built through (see the module doc)."""
-    kept = set(ids)
+def derivations(model: "ModelProto") -> Callable[[int], list[int]]:
+    """id -> ids of the pieces formed while building that piece (BPE NORMAL pieces; nothing otherwise). The
+    tables are built once, so asking for every id of a large vocabulary stays linear."""
     if model.trainer_spec.model_type != BPE:
-        return kept
+        return lambda i: []
     # Pieces that take part in BPE merges: sentencepiece's `pieces_` map (NORMAL, USER_DEFINED, UNUSED).
     mergeable = {p.piece: p.score for p in model.pieces if p.type in (NORMAL, USER_DEFINED, UNUSED)}
     index = {p.piece: i for i, p in enumerate(model.pieces)}
-    todo = [i for i in kept if model.pieces[i].type == NORMAL]
+
+    def formed(i: int) -> list[int]:
+        if model.pieces[i].type != NORMAL:
+            return []
+        return [index[p] for p in _bpe_derivation(model.pieces[i].piece, mergeable) or ()]
+
+    return formed
+
+
+def merge_closure(model: "ModelProto", ids: Iterable[int]) -> set[int]:
+    """`ids` plus, for a BPE model, every piece the kept pieces are built through (see the module doc)."""
+    return closure(ids, derivations(model))
+
+
+def closure(ids: Iterable[int], direct: Callable[[int], Iterable[int]]) -> set[int]:
+    """The smallest superset of `ids` that holds `direct(i)` for each of its members."""
+    kept = set(ids)
+    todo = list(kept)
     while todo:
-        i = todo.pop()
-        for formed in _bpe_derivation(model.pieces[i].piece, mergeable) or ():
-            j = index[formed]
+        for j in direct(todo.pop()):
             if j not in kept:
                 kept.add(j)
                 todo.append(j)

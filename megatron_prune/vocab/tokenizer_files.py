@@ -10,8 +10,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from megatron_prune.errors import UserError
 from megatron_prune.vocab import hf_tokenizer, spm
 from megatron_prune.vocab.slice import VocabMap, config_token_ids, remap_config_ids
 
@@ -23,7 +24,7 @@ SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.
 STALE_FILES = ("vocab.json", "merges.txt")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError, ValueError):
     """A tokenizer path that cannot be read or pruned; the message names it."""
 
 
@@ -34,6 +35,7 @@ class TokenizerSource:
     tj: dict | None = None         # parsed tokenizer.json
     side: dict[str, bytes] = field(default_factory=dict)
     files_sha256: dict[str, str] = field(default_factory=dict)
+    _direct: Callable[[int], list[int]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def read(cls, path: str | Path) -> "TokenizerSource":
@@ -94,16 +96,19 @@ class TokenizerSource:
 
     def closure(self, ids: Iterable[int]) -> set[int]:
         """Add the pieces kept tokens are merged through, for every file present, to a fixed point."""
-        kept = set(ids)
-        while True:
-            grown = kept
-            if self.spm_model is not None:
-                grown = spm.merge_closure(self.spm_model, grown)
-            if self.tj is not None:
-                grown = hf_tokenizer.merge_closure(self.tj, grown)
-            if grown == kept:
-                return kept
-            kept = grown
+        return spm.closure(ids, self._derivations())
+
+    def needs(self, i: int) -> set[int]:
+        """Id `i` and every piece it is merged through: what keeping `i` costs in the vocabulary."""
+        return self.closure((i,))
+
+    def _derivations(self) -> Callable[[int], list[int]]:
+        """Both files' merge derivations in one function (a LLaMA-2 directory must stay consistent in both)."""
+        if self._direct is None:
+            parts = ([spm.derivations(self.spm_model)] if self.spm_model is not None else []) + (
+                [hf_tokenizer.derivations(self.tj)] if self.tj is not None else [])
+            self._direct = lambda i: [j for f in parts for j in f(i)]
+        return self._direct
 
     def pruned_files(self, vmap: VocabMap) -> dict[str, bytes]:
         """Output file name -> content of the pruned tokenizer (both kinds when both are present)."""

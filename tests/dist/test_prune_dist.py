@@ -267,3 +267,12 @@ def test_plan_and_history_are_written(world):
     meta = mio.read_meta(root / "gqa-random")
     assert meta.history[-1]["op"] == "prune" and meta.history[-1]["plan"] == saved
     assert (root / "gqa-random/latest_checkpointed_iteration.txt").read_text() == "release"
+
+
+def test_megatron_lm_args_of_a_pruned_checkpoint(world, capsys):
+    from tests.unit.test_megatron_lm_args import check_against_checkpoint, parse_flags, run_cli
+
+    root = world["root"]
+    rc, out, _ = run_cli(capsys, "--load", str(root / "gqa-random"), "--tokenizer", str(root / "tok"))
+    assert rc == 0
+    check_against_checkpoint(root / "gqa-random", parse_flags(out), tokenizer=root / "tok")

@@ -79,3 +79,94 @@ def test_split_outputs_own_their_storage():
     x = rand(16, 8)
     s = layout.split_column(x, 2, 1)
     assert s.untyped_storage().nbytes() == s.numel() * s.element_size()
+
+
+# ----------------------------------------------------------------------------- ownership and kept-unit indices
+# References below build each rank's shard by hand (views per group / head, torch.chunk per rank) and select
+# the kept units from those views; the layout functions must pick the same rows.
+CASES = [  # (groups, heads per group, kv_channels, tp, kept groups, kept heads per kept group)
+    (4, 3, 2, 2, (0, 3), ((0, 2), (1, 2))),
+    (4, 3, 2, 2, (0, 1), ((1,), (0,))),          # both kept groups on rank 0: rank 1 keeps nothing
+    (6, 2, 3, 3, (1, 2, 5), ((0, 1), (1,), (0,))),
+    (2, 4, 2, 1, (1,), ((0, 1, 3),)),
+]
+
+
+def test_rank_range_and_local_indices_match_torch_chunk():
+    for n, tp in ((12, 1), (12, 3), (8, 4)):
+        kept = [0, 2, 3, 7, 8, 11][: 4 if n == 8 else 6]
+        blocks = torch.arange(n).chunk(tp)
+        for r in range(tp):
+            assert list(layout.rank_range(n, tp, r)) == blocks[r].tolist()
+            mine = [k for k in kept if k in blocks[r].tolist()]
+            assert layout.local_indices(kept, n, tp, r) == [blocks[r].tolist().index(k) for k in mine]
+        assert layout.kept_per_rank(kept, n, tp) == [sum(k in b.tolist() for k in kept) for b in blocks]
+    with pytest.raises(ValueError, match="not divisible by TP 4"):
+        layout.rank_range(10, 4, 0)
+
+
+def test_vocab_keep_mask_matches_padded_rows():
+    true_vocab, padded, tp = 13, 16, 2
+    real = torch.arange(padded) < true_vocab
+    for r, block in enumerate(real.chunk(tp)):
+        assert torch.equal(layout.vocab_keep_mask(padded // tp, r, true_vocab), block)
+    assert list(layout.block_range(8, 1)) == list(range(8, 16))
+
+
+def _qkv(groups, hpg, d, hidden=5):
+    return rand(groups * hpg * d, hidden), rand(groups * d, hidden) + 10, rand(groups * d, hidden) + 20
+
+
+@pytest.mark.parametrize("groups, hpg, d, tp, kept, heads", CASES)
+def test_qkv_shard_rows_pick_kept_heads_of_local_groups(groups, hpg, d, tp, kept, heads):
+    q, k, v = _qkv(groups, hpg, d)
+    qv, kv_, vv = q.view(groups, hpg, d, -1), k.view(groups, d, -1), v.view(groups, d, -1)
+    per = groups // tp
+    for r in range(tp):
+        local = range(r * per, (r + 1) * per)
+        shard = torch.cat([torch.cat([qv[g].reshape(hpg * d, -1), kv_[g], vv[g]]) for g in local])
+        want = [torch.cat([*(qv[g, h] for h in hs), kv_[g], vv[g]]) for g, hs in zip(kept, heads) if g in local]
+        rows = layout.qkv_shard_rows(kept, heads, hpg, d, groups, tp, r)
+        got = shard[torch.as_tensor(rows, dtype=torch.long)]
+        assert torch.equal(got, torch.cat(want) if want else shard[:0])
+
+
+@pytest.mark.parametrize("groups, hpg, d, tp, kept, heads", CASES)
+def test_proj_shard_cols_pick_kept_heads(groups, hpg, d, tp, kept, heads):
+    o = rand(5, groups * hpg * d)
+    ov = o.view(5, groups, hpg, d)
+    per = groups // tp
+    for r in range(tp):
+        local = range(r * per, (r + 1) * per)
+        shard = o.chunk(tp, dim=1)[r]
+        want = [ov[:, g, h] for g, hs in zip(kept, heads) if g in local for h in hs]
+        cols = layout.proj_shard_cols(kept, heads, hpg, d, groups, tp, r)
+        got = shard[:, torch.as_tensor(cols, dtype=torch.long)]
+        assert torch.equal(got, torch.cat(want, dim=1) if want else shard[:, :0])
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_fc1_shard_rows_pick_gate_then_up_of_kept_channels(tp):
+    gate, up = rand(16, 4), rand(16, 4) + 10
+    kept = [1, 2, 5, 9, 14, 15]
+    for r in range(tp):
+        shard = torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]])
+        mine = [f for f in kept if f in range(r * 16 // tp, (r + 1) * 16 // tp)]
+        got = shard[torch.as_tensor(layout.fc1_shard_rows(kept, 16, tp, r), dtype=torch.long)]
+        assert torch.equal(got, torch.cat([gate[mine], up[mine]]))
+
+
+@pytest.mark.parametrize("groups, hpg, d, tp, kept, heads", CASES)
+def test_hf_rows_match_per_head_views_and_pruned_shards_merge_to_them(groups, hpg, d, tp, kept, heads):
+    q, k, v = _qkv(groups, hpg, d)
+    qv, kv_ = q.view(groups, hpg, d, -1), k.view(groups, d, -1)
+    hf_q = q[torch.as_tensor(layout.hf_head_rows(kept, heads, hpg, d), dtype=torch.long)]
+    hf_k = k[torch.as_tensor(layout.hf_group_rows(kept, d), dtype=torch.long)]
+    assert torch.equal(hf_q, torch.cat([qv[g, h] for g, hs in zip(kept, heads) for h in hs]))
+    assert torch.equal(hf_k, torch.cat([kv_[g] for g in kept]))
+    if len({len(h) for h in heads}) == 1:  # a pruned model has equal heads per group: shards merge back to HF
+        shards = [layout.split_qkv(q, k, v, tp, r, groups, d) for r in range(tp)]
+        pruned = [s[torch.as_tensor(layout.qkv_shard_rows(kept, heads, hpg, d, groups, tp, r), dtype=torch.long)]
+                  for r, s in enumerate(shards)]
+        mq, mk, _ = layout.merge_qkv(pruned, len(heads[0]), d)
+        assert torch.equal(mq, hf_q) and torch.equal(mk, hf_k)

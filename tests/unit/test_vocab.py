@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,9 +18,12 @@ import torch
 from megatron_prune.__main__ import main
 from megatron_prune.data.tokenizers import load_tokenizer
 from megatron_prune.vocab import hf_tokenizer, spm
-from megatron_prune.vocab.counts import count_tokens, write_counts
+from megatron_prune.errors import UserError
+from megatron_prune.vocab.counts import TokenCounts, count_tokens, write_counts
+from megatron_prune.vocab.plan import plan_vocab
 from megatron_prune.vocab.run import VOCAB_MAP, prune_vocab
 from megatron_prune.vocab.slice import VocabMap, slice_vocab_shards
+from megatron_prune.vocab.tokenizer_files import TokenizerSource
 from tests.helpers import make_hf_model
 
 SAMPLES = Path(__file__).resolve().parents[2] / "megatron_prune" / "data" / "samples"
@@ -116,7 +120,7 @@ def test_kept_text_keeps_mapped_ids_and_dropped_text_still_encodes(toks, tmp_pat
     tok = toks[kind]
     res = prune_vocab(make_counts(tok, tmp_path / "c.json"), keep, tok, tmp_path / "out", progress=False)
     vmap = vocab_map(tmp_path / "out")
-    assert vmap == res.vmap and vmap.new_size == res.stats["vocab_size"] >= keep
+    assert vmap == res.vmap and vmap.new_size == res.stats["vocab_size"] == keep
     old = load_tokenizer(tok)
     new = load_tokenizer(tmp_path / "out" / "tokenizer.model" if kind.startswith("spm") else tmp_path / "out")
     assert new.vocab_size == vmap.new_size
@@ -206,7 +210,7 @@ def test_hf_added_tokens_at_the_end_move_with_their_ids(tmp_path):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {str(begin): {"content": "<|begin|>", "special": True}}
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
-    res = prune_vocab(make_counts(src, tmp_path / "c.json"), 100, src, tmp_path / "out", progress=False)
+    res = prune_vocab(make_counts(src, tmp_path / "c.json"), 300, src, tmp_path / "out", progress=False)
     new_begin = res.vmap.map_ids([begin])[0]
     assert begin == 600 and new_begin == res.vmap.new_size - 2
     pruned = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
@@ -272,19 +276,20 @@ def test_hf_checkpoint_logits_equal_original_on_kept_ids(toks, ckpts, tmp_path, 
 
 @pytest.mark.parametrize("tied", [False, True])  # untied at TP=2, tied at PP=2 (the last stage's output copy)
 def test_megatron_prune_equals_hf_prune(ckpts, tmp_path, tied):
+    import sentencepiece
     from safetensors.torch import load_file
 
     from megatron_prune.checkpoint import megatron_io as mio
     from megatron_prune.checkpoint.convert_files import megatron_to_hf
 
     hf, mg = ckpts[f"hf-tied{tied}"], ckpts[f"mg-tied{tied}"]
-    res = prune_vocab(ckpts["counts"], 300, mg / "tokenizer.model", tmp_path / "mg", load=mg, progress=False)
-    prune_vocab(ckpts["counts"], 300, hf / "tokenizer.model", tmp_path / "hf", hf_dir=hf, progress=False)
+    res = prune_vocab(ckpts["counts"], 400, mg / "tokenizer.model", tmp_path / "mg", load=mg, progress=False)
+    prune_vocab(ckpts["counts"], 400, hf / "tokenizer.model", tmp_path / "hf", hf_dir=hf, progress=False)
     meta = mio.read_meta(tmp_path / "mg")
-    assert meta.shape.vocab_size == res.vmap.new_size and PAD in res.vmap.kept
+    assert meta.shape.vocab_size == res.vmap.new_size == 400 and PAD in res.vmap.kept
     assert meta.hf_config["pad_token_id"] == res.vmap.map_ids([PAD])[0]
     assert meta.padded_vocab_size == meta.shape.padded_vocab(128, meta.tp)
-    assert meta.history[-1]["op"] == "prune-vocab" and meta.history[-1]["keep"] == 300
+    assert meta.history[-1]["op"] == "prune-vocab" and meta.history[-1]["keep"] == 400
     rows = meta.padded_vocab_size // meta.tp
     for pp_rank in range(meta.pp):
         for tp_rank in range(meta.tp):
@@ -295,6 +300,9 @@ def test_megatron_prune_equals_hf_prune(ckpts, tmp_path, tied):
             assert all(state["model"][k].shape == (rows, 64) for k in vocab_keys)
     assert {"tokenizer.model", VOCAB_MAP} <= {f.name for f in (tmp_path / "mg").iterdir()}
     megatron_to_hf(tmp_path / "mg", tmp_path / "back", progress=False)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "back" / "tokenizer.model"))
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())["vocab_size"]
+    assert exported == sp.get_piece_size() == 400 < meta.padded_vocab_size  # the tokenizer's size, not the padded
     back, want = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert set(back) == set(want) - {"lm_head.weight"} if tied else set(back) == set(want)
     for key in back:
@@ -309,15 +317,93 @@ def test_cli_counts_prune_and_bad_input(toks, ckpts, tmp_path, capsys):
                  str(counts), "--workers", "1", "--no-progress"]) == 0
     other = make_counts(toks["hf-bytelevel"], tmp_path / "other.json")
     bad = {"another tokenizer": ["--counts", str(other), "--keep", "300", "--tokenizer", tok],
-           "between 1 and the": ["--counts", str(counts), "--keep", "1000", "--tokenizer", tok],
+           "larger than the 1000 ids": ["--counts", str(counts), "--keep", "1001", "--tokenizer", tok],
+           "is below the minimum vocabulary": ["--counts", str(counts), "--keep", "259", "--tokenizer", tok],
+           "between 1 and the": ["--counts", str(counts), "--keep-min", "1000", "--tokenizer", tok],
            "smaller than the tokenizer": ["--counts", str(make_counts(REAL_SPM, tmp_path / "real.json")), "--keep",
                                           "300", "--tokenizer", str(REAL_SPM)]}
     capsys.readouterr()
+    errors = {}
     for needle, argv in bad.items():
         assert main(["prune-vocab", *argv, "--load", str(mg), "--save", str(tmp_path / "out"), "--no-progress"]) == 2
-        err = capsys.readouterr().err.strip()
+        err = errors[needle] = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err, err
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    assert main(["prune-vocab", "--counts", str(counts), "--keep", "300", "--tokenizer", tok, "--load", str(mg),
-                 "--save", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "vocabulary 1000 -> " in capsys.readouterr().out
+    minimum = int(re.search(r"use --keep (\d+) or more", errors["is below the minimum vocabulary"]).group(1))
+    for flag, n, out in [("--keep", minimum, "min"), ("--keep", 300, "300"), ("--keep-min", 300, "min300")]:
+        assert main(["prune-vocab", "--counts", str(counts), flag, str(n), "--tokenizer", tok, "--load", str(mg),
+                     "--save", str(tmp_path / out), "--no-progress"]) == 0
+        size = vocab_map(tmp_path / out).new_size
+        assert f"vocabulary 1000 -> {size} ids" in capsys.readouterr().out
+        assert size > n if flag == "--keep-min" else size == n  # the minimum named is reachable
+
+
+# ----------------------------------------------------------------------------- --keep is the final size
+def _reference_roundtrip(kind: str, path: Path):
+    """decode(encode(text)) by the tokenizer libraries themselves (not this project's wrappers)."""
+    if kind.startswith("spm"):
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return sp.get_piece_size(), lambda t: sp.decode(sp.encode(t))
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return tok.get_vocab_size(with_added_tokens=True), lambda t: tok.decode(tok.encode(t).ids)
+
+
+@pytest.mark.parametrize("kind", ["spm-bpe", "hf-bytelevel", "llama2-dir"])
+def test_keep_is_the_final_vocabulary_size_and_text_round_trips(toks, tmp_path, kind):
+    """--keep 400 of 1000 BPE tokens: exactly 400 in total (specials, bytes and merge intermediates inside the
+    budget), and every sample document decodes back as the original tokenizer decodes it."""
+    tok = toks[kind]
+    res = prune_vocab(make_counts(tok, tmp_path / "c.json"), 400, tok, tmp_path / "out", progress=False)
+    files = {"spm-bpe": ("tokenizer.model", tok), "hf-bytelevel": ("tokenizer.json", tok / "tokenizer.json"),
+             "llama2-dir": ("tokenizer.json", tok / "tokenizer.json")}[kind]
+    old_size, old_rt = _reference_roundtrip(kind, files[1])
+    new_size, new_rt = _reference_roundtrip(kind, tmp_path / "out" / files[0])
+    assert old_size == 1000 and new_size == res.vmap.new_size == 400
+    assert res.stats["merge_closure_added"] > 0  # the budget really had to hold intermediates
+    for name in ("train.jsonl", "heldout.jsonl"):
+        for t in texts(name):
+            assert new_rt(t) == old_rt(t)
+
+
+@pytest.mark.parametrize("kind", ["spm-bpe", "llama2-json"])
+def test_minimum_budget_is_the_specials_bytes_and_space(toks, tmp_path, kind):
+    """The smallest --keep for a byte-fallback BPE model, counted with sentencepiece: control, unknown and byte
+    pieces plus "▁" (without it, a dropped space decodes as a literal "▁", in sentencepiece and in the LLaMA-2
+    tokenizer.json decoder alike). One less is refused; at the minimum, text still round-trips."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(toks["spm-bpe"]))
+    minimum = sum(1 for i in range(sp.get_piece_size())
+                  if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.id_to_piece(i) == "\u2581")
+    tok, out_name = {"spm-bpe": (toks["spm-bpe"], "tokenizer.model"),
+                     "llama2-json": (toks["llama2-dir"] / "tokenizer.json", "tokenizer.json")}[kind]
+    counts = make_counts(tok, tmp_path / "c.json")
+    with pytest.raises(UserError, match=f"use --keep {minimum} or more"):
+        prune_vocab(counts, minimum - 1, tok, tmp_path / "too-small", progress=False)
+    res = prune_vocab(counts, minimum, tok, tmp_path / "out", progress=False)
+    _, old_rt = _reference_roundtrip(kind, tok)
+    new_size, new_rt = _reference_roundtrip(kind, tmp_path / "out" / out_name)
+    assert res.vmap.new_size == new_size == minimum == 260
+    for t in texts("heldout.jsonl")[:5] + [DROPPED_TEXT, "a b  c"]:  # everything is bytes now, and still lossless
+        assert new_rt(t) == old_rt(t)
+
+
+def test_budget_skips_a_token_whose_intermediates_do_not_fit():
+    """Toy BPE model: "abc" is the most frequent but needs "ab" too; with one free slot it is skipped and the next
+    token that fits alone is kept instead. --keep-min keeps "abc" and adds "ab" on top."""
+    model = _toy_spm([("ab", -1.0), ("abc", -2.0), ("a", -3.0), ("b", -4.0), ("c", -5.0), ("bc", -6.0)])
+    source = TokenizerSource("toy.model", spm_model=model)
+    fingerprint = source.fingerprint()
+    counts = TokenCounts((0, 0, 0, 0, 100, 50, 40, 30, 0), fingerprint)  # ids 3.. = ab, abc, a, b, c, bc
+    vmap, stats = plan_vocab(source, counts, 4)
+    assert vmap.kept == (0, 1, 2, 5) and stats["skipped_no_room"] == 1  # <unk> <s> </s> + "a"
+    assert _encode(spm.prune_model(model, vmap.kept), "abc") == ["a", "bc"]  # "bc": one <unk> for both
+    vmap, stats = plan_vocab(source, counts, 5)
+    assert vmap.kept == (0, 1, 2, 3, 4) and stats["merge_closure_added"] == 1 and stats["by_frequency"] == 1
+    assert _encode(spm.prune_model(model, vmap.kept), "abc") == ["abc"]
+    vmap, stats = plan_vocab(source, counts, 2, keep_min=True)
+    assert vmap.kept == (0, 1, 2, 3, 4, 5) and stats["merge_closure_added"] == 1
