@@ -212,6 +212,32 @@ def restore_training_state(point: ResumePoint, state: dict[str, Any], optimizer,
                     consumed_train_samples=int(state.get("consumed_train_samples", 0)))
 
 
+def check_optimizer_files(point: ResumePoint, state: dict[str, Any], info: DistInfo,
+                          use_distributed_optimizer: bool) -> None:
+    """Before any rank restores optimizer state: the saved kind matches, and with the distributed optimizer the
+    shards match this job's data-parallel size (megatron-core would fail with a bare AssertionError, and only
+    on some ranks)."""
+    if state.get("optimizer") is None:  # saved before any applied step: nothing to restore
+        return
+    saved_dist = bool(state.get("distributed_optimizer", False))
+    if saved_dist != use_distributed_optimizer:
+        raise CheckpointError(f"{point.root}: iteration {point.iteration} was saved "
+                              f"{'with' if saved_dist else 'without'} --use-distributed-optimizer; resume the "
+                              f"same way (or pass --finetune for a fresh optimizer)")
+    if not saved_dist:
+        return
+    rank_dir = mio.rank_path(point.root, point.iteration, info.tp_rank, info.pp_rank, info.pp).parent
+    saved_dp = len(list(rank_dir.glob(DISTRIB_OPTIM_FILE.replace("{:03d}", "*"))))
+    own = rank_dir / DISTRIB_OPTIM_FILE.format(info.dp_rank)
+    if saved_dp != info.dp:
+        raise CheckpointError(f"{rank_dir}: distributed-optimizer state was saved by {saved_dp} data-parallel "
+                              f"ranks, this job has {info.dp}; resume with data-parallel size {saved_dp} (or pass "
+                              f"--finetune for a fresh optimizer)")
+    if not own.is_file():
+        raise CheckpointError(f"{own}: missing distributed-optimizer shard of DP rank {info.dp_rank} "
+                              f"(resume with the data-parallel size of the run that saved it)")
+
+
 def _restore_optimizer(point: ResumePoint, state: dict[str, Any], optimizer, info: DistInfo) -> None:
     dist_opts = _distributed_optimizers(optimizer)
     saved_dist = bool(state.get("distributed_optimizer", False))
