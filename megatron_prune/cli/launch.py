@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(e, errors: Path) -> int:
     reported = read_errors(errors)
-    if reported:
-        return max(code for code, _ in reported.values())
     rank, failure = e.get_first_failure()
+    if rank in reported:
+        return max(code for code, _ in reported.values())
+    # the first rank to fail said nothing: killed (e.g. by the OOM killer) or died in native code
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
     print(f"error: worker rank {rank} (pid {failure.pid}) {how} without a report", file=sys.stderr)
-    print(e.format_msg(), file=sys.stderr)
-    return 1
+    if not reported:
+        print(e.format_msg(), file=sys.stderr)
+    return max([1, *(code for code, _ in reported.values())])
 
 
 if __name__ == "__main__":
