@@ -84,15 +84,19 @@ def _say(text: str) -> None:
 
 
 def _report_agreed(e: RankFailure) -> int:
+    """Every rank knows and exits alike (no casualties): the note is only for cli/launch.py's exit code."""
     rank = _rank()
+    launched = bool(os.environ.get(ERROR_DIR_ENV))
     if e.user:
         if rank == 0:
             _say(f"error: {e.message}")
-            note_error(EXIT_USER, e.message)
+            if launched:
+                note_error(EXIT_USER, e.message)
         return EXIT_USER
     if rank == e.rank:
         _say(f"rank {rank}: {e.trace or e.message}".rstrip())
-        note_error(EXIT_BUG, e.message)
+        if launched:
+            note_error(EXIT_BUG, e.message)
     return EXIT_BUG
 
 

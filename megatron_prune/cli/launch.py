@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(e, errors: Path) -> int:
     reported = read_errors(errors)
     rank, failure = e.get_first_failure()
-    if rank in reported:
+    if reported and (rank in reported or failure.exitcode >= 0):  # (ranks that agreed on a failure exit quietly)
         return max(code for code, _ in reported.values())
     # the first rank to fail said nothing: killed (e.g. by the OOM killer) or died in native code
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
