@@ -27,20 +27,21 @@ class RankFailure(Exception):
 
 
 def is_user_error(e: BaseException) -> bool:
-    """The CLI contract: UserError (and, until every domain error subclasses it, what the CLIs catch)."""
-    from megatron_prune.errors import UserError
+    """The CLI contract (cli.common): UserError, and OS errors about the user's files."""
+    from megatron_prune.cli.common import user_error_message  # lazily: it imports the checkpoint modules
 
-    try:  # lazily: cli.common imports the checkpoint modules
-        from megatron_prune.cli.common import USER_ERRORS
-    except ImportError:
-        USER_ERRORS = ()
-    return isinstance(e, (UserError, *USER_ERRORS))
+    return user_error_message(e) is not None
 
 
 def one_line(e: BaseException) -> str:
-    """The message of a user error, as one line (a KeyError's repr quotes would add nothing)."""
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(msg).split("\n")) or type(e).__name__
+    """The one-line message of a user error (else the exception's first line)."""
+    from megatron_prune.cli.common import user_error_message
+
+    msg = user_error_message(e)
+    if msg is None:
+        lines = str(e).splitlines()
+        msg = lines[0] if lines else type(e).__name__
+    return msg
 
 
 def everywhere(e: BaseException) -> BaseException:
