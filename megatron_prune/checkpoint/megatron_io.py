@@ -155,7 +155,7 @@ def write_meta(root: Path, meta: CheckpointMeta, iteration: int | str | None = N
     """`iteration`: the iteration this meta describes, recorded in the file (training checkpoints)."""
     d = meta.to_json()
     if iteration is not None:
-        d["iteration"] = "release" if iteration in ("release", 0) else int(iteration)
+        d["iteration"] = "release" if iteration == "release" else int(iteration)
     atomic_write_text(Path(root) / META, json.dumps(d, indent=2, default=str) + "\n")
 
 
