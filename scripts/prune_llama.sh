@@ -59,5 +59,7 @@ if [[ -z "$nproc" ]]; then  # the check passed, so --load is a readable checkpoi
 print(read_meta(sys.argv[1]).tp)' "$load") || { echo "error: give --tp / TP (cannot read the TP size of $load)" >&2
                                                exit 2; }
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+# torchrun through megatron_prune.cli.launch: a worker's error (a bad rank file) is one line, not a traceback wall
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PYTHON" -m megatron_prune.cli.launch --standalone --nproc-per-node "$nproc" \
   -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -39,6 +39,7 @@ else
   rdzv=(--nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}"
         --master-port "${MASTER_PORT:-29500}")
 fi
-cmd=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@")
+# torchrun through megatron_prune.cli.launch (same arguments): whichever rank fails, one line, no traceback wall
+cmd=("$PYTHON" -m megatron_prune.cli.launch "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"

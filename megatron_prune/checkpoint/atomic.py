@@ -209,24 +209,28 @@ def fsync_tree(root: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(save: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `save`; on success it is fsynced and replaces `save`; on failure it is removed.
-    Callers have run `check_output_dir(save, overwrite, inputs=...)` before any work."""
+    The output's lock is held throughout (a second writer is refused). Callers have run
+    `check_output_dir(save, overwrite, inputs=...)` before any work."""
+    from megatron_prune.checkpoint.lock import output_lock
+
     save = Path(save).expanduser().resolve()
     _check_existing(save, overwrite)
-    with translate_write_errors(save):
-        save.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save.parent / temp_name(save.name)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    try:
+    with contextlib.ExitStack() as held:
         with translate_write_errors(save):
-            yield tmp
-            fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    with translate_write_errors(save):
-        swap_into_place(tmp, save)
+            held.enter_context(output_lock(save))
+            tmp = save.parent / temp_name(save.name)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        try:
+            with translate_write_errors(save):
+                yield tmp
+                fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with translate_write_errors(save):
+            swap_into_place(tmp, save)
 
 
 def swap_into_place(tmp: Path, save: Path) -> None:

@@ -4,6 +4,12 @@
     ROOT/release/mp_rank_TT/model_optim_rng.pt      PP=1   (iter_XXXXXXX/ for training checkpoints)
     ROOT/release/mp_rank_TT_PPP/model_optim_rng.pt  PP>1
     ROOT/megatron_prune.json                        shape, parallel sizes, dtype, per-rank sizes, history
+    ROOT/iter_XXXXXXX/megatron_prune.json           training: the meta of that iteration (its dtype, history)
+
+The meta that describes a checkpoint is the one of the iteration its tracker names: the iteration directory's own
+copy when it has one, else the root file. Training writes the iteration's copy before the tracker and the root
+file after it (with an "iteration" field), so a crash between the two never pairs one iteration's tensors with
+another iteration's meta (e.g. a bf16 dtype for fp32 `release/` weights, after in-place training).
 
 Step-0 checkpoints (converted, pruned, resharded) are written as "release": older Megatron-LM's `read_metadata`
 accepts iteration 0 only under that name. A tracker "0" (what current Megatron-LM writes for an iteration-0 save) is
@@ -152,8 +158,28 @@ def rank_state(model_sd: dict[str, Any], args: argparse.Namespace, iteration: in
     return {"model": model_sd, "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
 
 
-def write_meta(root: Path, meta: CheckpointMeta) -> None:
-    atomic_write_text(Path(root) / META, json.dumps(meta.to_json(), indent=2, default=str) + "\n")
+def write_meta(root: Path, meta: CheckpointMeta, iteration: int | str | None = None) -> None:
+    """`iteration`: the iteration this meta describes, recorded in the file (training checkpoints)."""
+    d = meta.to_json()
+    if iteration is not None:
+        d["iteration"] = "release" if iteration == "release" else int(iteration)
+    atomic_write_text(Path(root) / META, json.dumps(d, indent=2, default=str) + "\n")
+
+
+def iteration_meta_path(root: str | Path, iteration: int | str) -> Path:
+    return Path(root) / iteration_dir_name(iteration) / META
+
+
+def pin_meta(root: str | Path) -> None:
+    """Before the root meta is rewritten for a new iteration: give the iteration it describes now (e.g. the
+    `release/` of a converted checkpoint trained in place) its own copy, so that iteration stays readable."""
+    root = Path(root)
+    if not ((root / META).is_file() and (root / TRACKER).is_file()):
+        return
+    tracked = read_tracker(root)
+    own = iteration_meta_path(root, tracked)
+    if own.parent.is_dir() and not own.is_file():
+        atomic_write_text(own, (root / META).read_text())
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:
@@ -175,19 +201,34 @@ def read_tracker(root: str | Path) -> int | str:
 
 
 def read_meta(root: str | Path) -> CheckpointMeta:
-    """megatron_prune.json, or (for checkpoints written by Megatron-LM) meta derived from rank 0's args."""
+    """The meta of the tracked iteration (its own megatron_prune.json, else the root one), or (for checkpoints
+    written by Megatron-LM) meta derived from rank 0's args."""
     root = Path(root)
+    tracked = read_tracker(root) if (root / TRACKER).is_file() else None
+    if tracked is not None and iteration_meta_path(root, tracked).is_file():
+        return _parse_meta(iteration_meta_path(root, tracked))[0]
     if (root / META).is_file():
-        try:
-            return CheckpointMeta.from_json(json.loads((root / META).read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{root / META}: invalid ({e})") from None
+        meta, described = _parse_meta(root / META)
+        if tracked is not None and described is not None and \
+                iteration_dir_name(described) != iteration_dir_name(tracked):
+            raise CheckpointError(f"{root / META}: describes iteration {described}, but {TRACKER} names {tracked} "
+                                  f"and {iteration_meta_path(root, tracked)} is missing")
+        return meta
     iteration = read_tracker(root)
     args = _first_rank_args(root, iteration)
     problems = mlm_compat.non_llama_settings(args)
     if problems:
         raise CheckpointError(f"{root}: not a LLaMA-architecture checkpoint: {', '.join(problems)}")
     return meta_from_args(args)
+
+
+def _parse_meta(path: Path) -> tuple[CheckpointMeta, int | str | None]:
+    """(meta, the iteration the file says it describes or None)."""
+    try:
+        d = json.loads(path.read_text())
+        return CheckpointMeta.from_json(d), d.get("iteration")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: invalid ({e})") from None
 
 
 def _first_rank_args(root: Path, iteration: int | str) -> argparse.Namespace:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from megatron_prune.errors import InputError
-from megatron_prune.cli.common import user_errors
 
 
 def add_arguments(p) -> None:
@@ -54,21 +53,38 @@ def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_token
     return token_windows(ids, seq_length, max_tokens)
 
 
-@user_errors
-def run(args) -> int:
+def _read_meta(load: str):
+    import torch.distributed as dist
+
     from megatron_prune.checkpoint import megatron_io as mio
-    from megatron_prune.model.dist import init_model_parallel, shutdown
+    from megatron_prune.errors import UserError
+
+    meta, world = mio.read_meta(load), dist.get_world_size()
+    if world % (meta.tp * meta.pp):
+        raise UserError(f"{load}: tp={meta.tp} x pp={meta.pp} does not divide the {world} processes "
+                        f"(torchrun --nproc-per-node: a multiple of {meta.tp * meta.pp})")
+    return meta
+
+
+def run(args) -> int:
+    from megatron_prune.cli.dist_entry import run_entry
+
+    return run_entry(lambda: _run(args))
+
+
+def _run(args) -> int:
+    """On every rank; failures are reported once by cli.dist_entry (user errors: one line, exit 2)."""
+    from megatron_prune.model.agree import agree
+    from megatron_prune.model.dist import init_model_parallel, init_process_group
     from megatron_prune.model.evaluate import evaluate_megatron
     from megatron_prune.model.load import load_model
 
-    meta = mio.read_meta(args.load)
-    windows = read_windows(args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
+    init_process_group()
+    meta = agree(_read_meta, args.load)
+    windows = agree(read_windows, args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
     info = init_model_parallel(meta.tp, meta.pp)
-    try:
-        model, meta = load_model(args.load, info, seq_length=args.seq_length, use_te=args.use_te)
-        result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size)
-    finally:
-        shutdown()
+    model, meta = agree(load_model, args.load, info, seq_length=args.seq_length, use_te=args.use_te)
+    result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size)
     if info.rank == 0:
         if args.json:
             print(json.dumps({"load": args.load, **result.to_dict()}))

@@ -12,7 +12,6 @@ import os
 import sys
 
 from megatron_prune.errors import InputError
-from megatron_prune.cli.common import user_error_message
 
 
 def add_arguments(p) -> None:
@@ -104,22 +103,10 @@ def _shape_line(s) -> str:
 
 
 def run(args) -> int:
-    """User errors: one `error: ...` line (rank 0 only under torchrun), exit code 2, nothing written."""
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        return _run(args, rank0)
-    except Exception as e:
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        if rank0:
-            print(f"error: {msg}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
+    """User errors: one `error: ...` line (once, whichever rank hit it), exit code 2, nothing written."""
+    from megatron_prune.cli.dist_entry import run_entry
 
-        if dist.is_initialized():  # (megatron's parallel state is torn down where it was made)
-            dist.destroy_process_group()
+    return run_entry(lambda: _run(args, int(os.environ.get("RANK", "0")) == 0))
 
 
 def _search(args) -> int:
@@ -144,26 +131,25 @@ def _search(args) -> int:
 
 
 def _run(args, rank0: bool) -> int:
-    from megatron_prune.prune.run import check, prune_checkpoint
+    import contextlib
 
+    from megatron_prune.cli.dist_entry import hold_output_lock
+    from megatron_prune.model.agree import agree
+    from megatron_prune.model.dist import init_process_group
     from megatron_prune.prune.apply_hf import hf_config_warning
+    from megatron_prune.prune.run import prune_checkpoint
 
     if args.target_params is not None:
         return _search(args)
     if args.dry_run:
         raise InputError("--dry-run goes with --target-params (for given sizes use --check-only)")
-    cfg = build_config(args)
-    if args.check_only:
-        prep = check(cfg)
-        if args.tp is not None and args.tp != prep.meta.tp:
-            raise InputError(f"--tp {args.tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
-                             f"process per TP rank of its input (reshard it first to change TP)")
-        print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
-        warning = hf_config_warning(prep.target)
-        if warning:
-            print(warning, file=sys.stderr)
-        return 0
-    result = prune_checkpoint(cfg)
+    if args.check_only:  # one process, no process group
+        return _check_only(build_config(args), args.tp)
+    init_process_group()
+    cfg = agree(build_config, args)
+    with contextlib.ExitStack() as locks:
+        agree(hold_output_lock, locks, cfg.save)
+        result = prune_checkpoint(cfg)
     if rank0:
         warning = hf_config_warning(result.meta.shape)
         if warning:
@@ -176,4 +162,19 @@ def _run(args, rank0: bool) -> int:
                               "peak_rss": result.peak_rss, "target": result.meta.shape.to_dict(),
                               "rank_sizes": result.meta.rank_sizes}))
     sys.stdout.flush()
+    return 0
+
+
+def _check_only(cfg, tp: int | None) -> int:
+    from megatron_prune.prune.apply_hf import hf_config_warning
+    from megatron_prune.prune.run import check
+
+    prep = check(cfg)
+    if tp is not None and tp != prep.meta.tp:
+        raise InputError(f"--tp {tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
+                         f"process per TP rank of its input (reshard it first to change TP)")
+    print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
+    warning = hf_config_warning(prep.target)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

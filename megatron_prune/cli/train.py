@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 
-from megatron_prune.cli.common import user_error_message
 from megatron_prune.errors import UserError
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
@@ -136,38 +135,33 @@ def default_nproc(argv: list[str]) -> int:
         return 1
 
 
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, not one per rank
-        print(msg, file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    import warnings
+    from megatron_prune.cli.dist_entry import run_entry
 
-    # megatron-core warns at import that TE/apex are absent (expected on CPU and with the local spec)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
-    from megatron_prune.train.loop import TrainingAborted
+    return run_entry(lambda: _run(args))
 
-    try:
-        cfg = build_config(args)
-        from megatron_prune.model.dist import shutdown
-        from megatron_prune.train.loop import train
 
+def _run(args: argparse.Namespace) -> int:
+    """On every rank; failures are reported once by cli.dist_entry (user errors: one line, exit 2)."""
+    import contextlib
+
+    from megatron_prune.cli.dist_entry import hold_output_lock
+    from megatron_prune.model.agree import agree
+    from megatron_prune.model.dist import init_process_group
+    from megatron_prune.train.loop import TrainingAborted, train
+
+    init_process_group()
+    cfg = agree(build_config, args)
+    with contextlib.ExitStack() as locks:
+        if cfg.save:
+            agree(hold_output_lock, locks, cfg.save, inside=True)
         try:
             result = train(cfg)
-        finally:
-            import torch.distributed as dist
-
-            if dist.is_initialized():  # shutdown() imports megatron-core (seconds): only when it ran
-                shutdown()
-    except TrainingAborted as e:
-        _say(f"error: {e}")
-        return 1
-    except Exception as e:
-        msg = user_error_message(e)
-        if msg is None:
-            raise
-        _say(f"error: {msg}")
-        return 2
-    _say(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""))
+        except TrainingAborted as e:  # the losses are global: every rank stops alike, rank 0 says why
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, not one per rank
+        print(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""),
+              file=sys.stderr, flush=True)
     return 0

@@ -29,6 +29,7 @@ from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_f
 from megatron_prune.checkpoint.convert_files import check_rank_files
 from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
 from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
+from megatron_prune.model.agree import everywhere
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
 from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
@@ -238,18 +239,16 @@ def check_same_plan(plan: PrunePlan) -> None:
 
 # ----------------------------------------------------------------------------- the whole run, on every rank
 def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
+    from megatron_prune.model.agree import agree
     from megatron_prune.model.dist import init_process_group
 
-    prep = check(cfg)
-    meta = prep.meta
     init_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world != meta.tp:
-        raise InputError(f"the checkpoint has tp={meta.tp}, but {world} processes run: launch one per TP rank "
-                         f"(torchrun --nproc-per-node {meta.tp})")
+    prep = agree(_check_job, cfg, world)  # every rank validates before the first collective; one report
+    meta = prep.meta
     times = {}
     t0 = time.perf_counter()
-    state = mio.load_rank(cfg.load, rank, 0, meta, prep.iteration)
+    state = agree(mio.load_rank, cfg.load, rank, 0, meta, prep.iteration)  # this rank's own file (mmap)
     plan = prep.plan or make_plan(cfg, prep, state["model"])
     if prep.plan and cfg.mode:
         plan = plan.replace(mode=cfg.mode)
@@ -283,6 +282,14 @@ def check_finite_state(source: Path, sd: dict) -> None:
                                  f"({describe_non_finite(t)}); pass --allow-non-finite to prune it anyway")
 
 
+def _check_job(cfg: PruneConfig, world: int) -> Prepared:
+    prep = check(cfg)
+    if world != prep.meta.tp:
+        raise InputError(f"the checkpoint has tp={prep.meta.tp}, but {world} processes run: launch one per TP "
+                         f"rank (torchrun --nproc-per-node {prep.meta.tp})")
+    return prep
+
+
 def _finalize(tmp: Path, cfg: PruneConfig, meta: mio.CheckpointMeta, plan: PrunePlan) -> None:
     copy_tokenizer_files(Path(cfg.load), tmp)
     plan.save(tmp / PLAN_FILE)
@@ -312,8 +319,8 @@ def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None
     box = [(str(tmp), _attempt(make_tmp)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp, error = Path(box[0][0]), box[0][1]
-    if error:
-        raise CheckpointError(f"cannot create the output directory: {error}")
+    if error:  # (known to every rank: reported once)
+        raise everywhere(CheckpointError(f"cannot create the output directory: {error}"))
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, _attempt(write_rank, tmp))
     status = [next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)]
@@ -323,7 +330,7 @@ def write_distributed(cfg: PruneConfig, rank: int, write_rank, finalize) -> None
             shutil.rmtree(tmp, ignore_errors=True)
     dist.broadcast_object_list(status, src=0)
     if status[0]:
-        raise CheckpointError(f"writing {save} failed ({status[0]})")
+        raise everywhere(CheckpointError(f"writing {save} failed ({status[0]})"))
 
 
 def _commit(tmp: Path, save: Path, finalize) -> None:

@@ -14,8 +14,9 @@ cannot restore torch.optim.AdamW's per-parameter `step` (KeyError 'step'; measur
 per-rank layout needs no gather.
 
 Save protocol: DP rank 0 of every (TP, PP) rank writes its files into the iteration directory (each file
-atomically), barrier, then global rank 0 writes the meta and finally the tracker, then prunes old iterations.
-A crash before the tracker leaves the previous checkpoint current.
+atomically), barrier, then global rank 0 writes the iteration's own meta, the tracker, then the root meta (which
+names its iteration), then prunes old iterations. A crash before the tracker leaves the previous checkpoint
+current, described by its own meta; training in place (`--load X --save X`) works run after run.
 """
 
 from __future__ import annotations
@@ -131,13 +132,29 @@ def save_checkpoint(root: str | Path, progress: Progress, model, optimizer, sche
         _atomic_torch_save(shards, path.with_name(DISTRIB_OPTIM_FILE.format(info.dp_rank)))
     dist.barrier()
     if info.rank == 0:
-        mio.write_meta(root, meta)
-        if tokenizer_src is not None:
-            copy_tokenizer_files(tokenizer_src, root)
-        mio.write_tracker(root, it)
+        _commit(root, it, meta, tokenizer_src)
         prune_old_checkpoints(root, keep_last)
     dist.barrier()
     return root / mio.iteration_dir_name(it)
+
+
+def _commit(root: Path, it: int, meta: mio.CheckpointMeta, tokenizer_src: Path | None) -> None:
+    """Rank 0, after every rank's files: the iteration's own meta, tokenizer, tracker, then the root meta.
+    Until the tracker moves, readers see the previous iteration with its own meta (`pin_meta`); with
+    `--load X --save X` the tokenizer is already in place (copying it onto itself would fail)."""
+    mio.pin_meta(root)
+    mio.write_meta(root / mio.iteration_dir_name(it), meta, iteration=it)
+    if tokenizer_src is not None and not _same_dir(tokenizer_src, root):
+        copy_tokenizer_files(tokenizer_src, root)
+    mio.write_tracker(root, it)
+    mio.write_meta(root, meta, iteration=it)
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def _detached(obj: Any) -> Any:
@@ -193,6 +210,32 @@ def restore_training_state(point: ResumePoint, state: dict[str, Any], optimizer,
     set_rng_state(state["rng_state"])
     return Progress(iteration=int(point.iteration),
                     consumed_train_samples=int(state.get("consumed_train_samples", 0)))
+
+
+def check_optimizer_files(point: ResumePoint, state: dict[str, Any], info: DistInfo,
+                          use_distributed_optimizer: bool) -> None:
+    """Before any rank restores optimizer state: the saved kind matches, and with the distributed optimizer the
+    shards match this job's data-parallel size (megatron-core would fail with a bare AssertionError, and only
+    on some ranks)."""
+    if state.get("optimizer") is None:  # saved before any applied step: nothing to restore
+        return
+    saved_dist = bool(state.get("distributed_optimizer", False))
+    if saved_dist != use_distributed_optimizer:
+        raise CheckpointError(f"{point.root}: iteration {point.iteration} was saved "
+                              f"{'with' if saved_dist else 'without'} --use-distributed-optimizer; resume the "
+                              f"same way (or pass --finetune for a fresh optimizer)")
+    if not saved_dist:
+        return
+    rank_dir = mio.rank_path(point.root, point.iteration, info.tp_rank, info.pp_rank, info.pp).parent
+    saved_dp = len(list(rank_dir.glob(DISTRIB_OPTIM_FILE.replace("{:03d}", "*"))))
+    own = rank_dir / DISTRIB_OPTIM_FILE.format(info.dp_rank)
+    if saved_dp != info.dp:
+        raise CheckpointError(f"{rank_dir}: distributed-optimizer state was saved by {saved_dp} data-parallel "
+                              f"ranks, this job has {info.dp}; resume with data-parallel size {saved_dp} (or pass "
+                              f"--finetune for a fresh optimizer)")
+    if not own.is_file():
+        raise CheckpointError(f"{own}: missing distributed-optimizer shard of DP rank {info.dp_rank} "
+                              f"(resume with the data-parallel size of the run that saved it)")
 
 
 def _restore_optimizer(point: ResumePoint, state: dict[str, Any], optimizer, info: DistInfo) -> None:

@@ -68,27 +68,22 @@ class StepResult:
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup(cfg: TrainConfig) -> Session:
-    from megatron_prune.data.tokenizers import load_tokenizer
-    from megatron_prune.model.dist import init_model_parallel
+    """Every rank validates what it will read before the first collective (`agree`): inputs, then its own
+    rank file and optimizer shard; a failure on any rank is known to all, and reported once."""
+    from megatron_prune.model.agree import agree
+    from megatron_prune.model.dist import init_model_parallel, init_process_group
 
-    check_data_paths(cfg)
-    point = ckpt.find_resume_point(cfg.load, cfg.save)
+    init_process_group()
+    point, tokenizer, tok_src, resume = agree(_check_inputs, cfg)
     info = init_model_parallel(cfg.tp, cfg.pp, cfg.seed)
     layout = cfg.layout(info.world_size)
-    tok_src = Path(cfg.tokenizer or cfg.load)
-    tokenizer = load_tokenizer(tok_src)
-    model, state, meta = _build_student(cfg, point, info)
-    if tokenizer.vocab_size > meta.shape.vocab_size:
-        raise ConfigError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens, the model only "
-                          f"{meta.shape.vocab_size} (pass the model's own tokenizer with --tokenizer)")
+    model, state, meta = agree(_load_student, cfg, point, info, resume)
+    model = _wrap_ddp(cfg, model)
     optimizer = _build_optimizer(cfg, model)
     scheduler = _build_scheduler(cfg, optimizer)
-    # --finetune applies to --load only: a restart that finds this run's own checkpoint in --save resumes it
-    from_load = point.root.resolve() == Path(cfg.load).resolve()
-    resume = point.is_training_checkpoint and not (cfg.finetune and from_load)
     progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info) if resume else ckpt.Progress()
     del state
-    teacher, teacher_meta = _build_teacher(cfg, info, meta)
+    teacher, teacher_meta = agree(_build_teacher, cfg, info, meta)
     data = build_datasets(cfg, tokenizer)
     plan = BatchPlan(cfg.global_batch_size, cfg.micro_batch_size, layout.dp, info.dp_rank)
     return Session(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler, meta=meta,
@@ -96,14 +91,36 @@ def setup(cfg: TrainConfig) -> Session:
                    tokenizer_src=tok_src if tok_src.is_dir() else None)
 
 
-def _build_student(cfg: TrainConfig, point: ckpt.ResumePoint, info):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+def _check_inputs(cfg: TrainConfig):
+    """What every rank reads alike: data paths, the checkpoint to start from, its parallel sizes, the tokenizer.
+    Returns (resume point, tokenizer, tokenizer source, whether optimizer state is resumed)."""
+    from types import SimpleNamespace
 
+    from megatron_prune.data.tokenizers import load_tokenizer
+    from megatron_prune.model.load import check_loadable
+
+    check_data_paths(cfg)
+    point = ckpt.find_resume_point(cfg.load, cfg.save)
+    world = dist.get_world_size()
+    cfg.layout(world)
+    check_loadable(point.meta, SimpleNamespace(tp=cfg.tp, pp=cfg.pp, world_size=world), point.root)
+    tok_src = Path(cfg.tokenizer or cfg.load)
+    tokenizer = load_tokenizer(tok_src)
+    if tokenizer.vocab_size > point.meta.shape.vocab_size:
+        raise ConfigError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens, the model only "
+                          f"{point.meta.shape.vocab_size} (pass the model's own tokenizer with --tokenizer)")
+    # --finetune applies to --load only: a restart that finds this run's own checkpoint in --save resumes it
+    from_load = point.root.resolve() == Path(cfg.load).resolve()
+    resume = point.is_training_checkpoint and not (cfg.finetune and from_load)
+    return point, tokenizer, tok_src, resume
+
+
+def _load_student(cfg: TrainConfig, point: ckpt.ResumePoint, info, resume: bool):
+    """This rank's model with its shard loaded (and, when resuming, its optimizer files checked): local work
+    only, so a bad file on one rank is reported before any collective."""
     from megatron_prune.model.build import build_model, load_shard
-    from megatron_prune.model.load import check_loadable, model_options
+    from megatron_prune.model.load import model_options
 
-    check_loadable(point.meta, info, point.root)
     meta = point.meta.replace(shape=point.meta.shape.replace(dtype=cfg.dtype))
     history = tuple(h for h in meta.history if h.get("op") != "train")  # keep the latest train entry only
     # te_names: the saved model keys are those of the layers built here (our loaders accept either spelling)
@@ -112,13 +129,22 @@ def _build_student(cfg: TrainConfig, point: ckpt.ResumePoint, info):
                                                   sequence_parallel=cfg.sequence_parallel, use_te=cfg.use_te))
     state = ckpt.load_rank_state(point, info)
     load_shard(model, state["model"], use_te=cfg.use_te)
+    if resume:
+        ckpt.check_optimizer_files(point, state, info, cfg.use_distributed_optimizer)
+    return model, state, meta
+
+
+def _wrap_ddp(cfg: TrainConfig, model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
     config = model.config
     config.calculate_per_token_loss = True          # read by DDP at construction: set before wrapping
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer)
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.finalize_model_grads_func = finalize_model_grads
-    return model, state, meta
+    return model
 
 
 def _build_optimizer(cfg: TrainConfig, model):

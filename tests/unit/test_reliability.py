@@ -296,3 +296,15 @@ def test_convert_help_lists_its_subcommands(capsys):
     assert "convert hf-to-megatron" in out and "convert megatron-to-hf" in out
     assert main(["convert"]) == 2
     assert "needs one of its subcommands" in capsys.readouterr().err
+
+
+def test_a_second_writer_of_the_same_output_is_refused(ckpts, tmp_path, capsys):
+    """convert/reshard/prune-hf/prune-vocab hold the output's lock while they write (atomic_dir)."""
+    from megatron_prune.checkpoint.lock import output_lock
+
+    with output_lock(tmp_path / "out"):
+        rc = main(["reshard", "--load", str(ckpts / "mg"), "--save", str(tmp_path / "out"), "--tp", "1",
+                   "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "is locked by" in line and f"pid {os.getpid()}" in line, line
+    assert not (tmp_path / "out").exists()

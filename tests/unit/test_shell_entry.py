@@ -163,7 +163,7 @@ def test_prune_wrong_tp_is_one_line(ckpt_tp2, tmp_path):
 
 def _torchrun_nproc(*args: str, **settings: str) -> int:
     words = run("scripts/train_recovery.sh", *args, DRY_RUN="1", **settings).stdout.split()
-    assert "torch.distributed.run" in words and words[-len(args):] == list(args)
+    assert "megatron_prune.cli.launch" in words and words[-len(args):] == list(args)  # torchrun, short failures
     return int(words[words.index("--nproc-per-node") + 1])
 
 
