@@ -364,7 +364,7 @@ def write_rank_in_memory(out: Path, tp_rank: int, pp_rank: int, plans: list[Tens
 
 # ----------------------------------------------------------------------------- entry point
 def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite: bool = False,
-            progress: bool = True, allow_non_finite: bool = False) -> mio.CheckpointMeta:
+            progress: bool = True, check_finite: bool = False) -> mio.CheckpointMeta:
     """Change the TP/PP size of a Megatron checkpoint (even or uneven shards), one output rank at a time.
     Everything is validated and planned before the first byte is written; the output appears atomically.
     Each written rank is checked for NaN / Inf while its bytes are still in the page cache (unless allowed)."""
@@ -384,7 +384,7 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
             for (tp_rank, pp_rank), rank_plans in plans.items():
                 bar.set_postfix_str(f"rank tp{tp_rank}" + (f" pp{pp_rank}" if pp > 1 else ""))
                 path = write(tmp, tp_rank, pp_rank, rank_plans, src, dst, args, io, bar)
-                if not allow_non_finite:
+                if check_finite:
                     check_finite_written(path, rank_plans, src, io)
             _copy_root_files(src.root, tmp)
             mio.write_meta(tmp, dst)
@@ -431,7 +431,7 @@ def _raise_non_finite_source(plan: TensorPlan, src: SourceCheckpoint, io: _IO, w
         source = read_tensor(ref, io)
         if not is_finite(source):
             raise NonFiniteError(f"{ref.path}: tensor {plan.src_key!r} holds non-finite values "
-                                 f"({describe_non_finite(source)}); pass --allow-non-finite to reshard it anyway")
+                                 f"({describe_non_finite(source)}); reshard without --check-finite to copy it anyway")
     raise NonFiniteError(f"{written}: tensor {plan.key!r} holds non-finite values after resharding")
 
 
