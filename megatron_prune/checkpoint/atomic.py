@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -25,6 +26,9 @@ from megatron_prune.errors import UserError
 GiB = 2**30
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 # `.NAME.tmp-PID` (older runs), `.NAME.tmp-HOST-PID`, `.NAME.old-HOST-PID`, and `NAME.tmp-PID` (preprocess)
+# The temporary directory an atomic_dir is building: files written into it are fsynced once, together, before it
+# is published (fsync per file would make each rank file wait for its own write-back: +14% on a 7B reshard).
+_BUILDING: contextvars.ContextVar[Path | None] = contextvars.ContextVar("megatron_prune_building", default=None)
 _TEMP_RE = re.compile(r"^(?P<name>.+?)\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)$")
 
 
@@ -222,6 +226,7 @@ def atomic_dir(save: str | Path, overwrite: bool = False) -> Iterator[Path]:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+        building = _BUILDING.set(tmp)
         try:
             with translate_write_errors(save):
                 yield tmp
@@ -229,6 +234,8 @@ def atomic_dir(save: str | Path, overwrite: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            _BUILDING.reset(building)
         with translate_write_errors(save):
             swap_into_place(tmp, save)
 
@@ -251,12 +258,16 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     remove_stale_temps(path)  # e.g. a rank file of a training run killed while saving this iteration
     tmp = path.with_name(temp_name(path.name))
+    building = _BUILDING.get()
+    sync_now = building is None or building.resolve() not in path.resolve().parents  # else atomic_dir syncs all
     try:
         with translate_write_errors(path):
             write(tmp)
-            fsync_path(tmp)
+            if sync_now:
+                fsync_path(tmp)
             os.replace(tmp, path)
-            fsync_path(path.parent)
+            if sync_now:
+                fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

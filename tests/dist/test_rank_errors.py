@@ -78,14 +78,19 @@ def train_args(load: Path, save: Path, data: str, *extra: str) -> list[str]:
             "--lr", "3e-3", "--fp32", "--eval-iters", "0", "--log-interval", "1", *extra]
 
 
-def train_script(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+def train_script(nproc: int | None, args: list[str]) -> subprocess.CompletedProcess:
+    """nproc None: the script's own default (tp x pp on CPU)."""
+    env = {k: v for k, v in ENV.items() if k != "NPROC"}
+    if nproc is not None:
+        env["NPROC"] = str(nproc)
     return subprocess.run(["bash", str(REPO / "scripts" / "train_recovery.sh"), *args], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={**ENV, "NPROC": str(nproc)})
+                          text=True, timeout=600, cwd=REPO, env=env)
 
 
 def test_train_script_names_the_truncated_rank_1_file(ws, tmp_path):  # noqa: F811
     bad = truncated_rank_1(ws["root"] / "tp2", tmp_path / "bad")
-    out = train_script(2, train_args(bad, tmp_path / "run", ws["data"], "--tp", "2", "--train-iters", "1"))
+    # No NPROC: `--tp 2` alone must start 2 processes (rank 1 is the one that reads the bad file).
+    out = train_script(None, train_args(bad, tmp_path / "run", ws["data"], "--tp", "2", "--train-iters", "1"))
     assert_one_report(out, 2, str(bad / "release" / "mp_rank_01" / mio.RANK_FILE), "cannot load")
     assert not (tmp_path / "run").exists()
 

@@ -308,3 +308,15 @@ def test_a_second_writer_of_the_same_output_is_refused(ckpts, tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "is locked by" in line and f"pid {os.getpid()}" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_single_file_write_is_fsynced_with_its_directory(tmp_path, monkeypatch):
+    """Training checkpoints write rank files into an existing directory: each is fsynced before its rename."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    atomic.atomic_file(tmp_path / "model_optim_rng.pt", lambda tmp: tmp.write_bytes(b"weights"))
+    assert any(".model_optim_rng.pt.tmp-" in p for p in synced) and str(tmp_path) in synced
+    assert (tmp_path / "model_optim_rng.pt").read_bytes() == b"weights"
+    assert [p.name for p in tmp_path.iterdir()] == ["model_optim_rng.pt"]
