@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from megatron_prune.checkpoint.atomic import atomic_write_text
 from megatron_prune.checkpoint.consistency import RANK_RECORD, check_rank_state, rank_record
 from megatron_prune.checkpoint import mlm_compat
 from megatron_prune.checkpoint.atomic import atomic_file, atomic_write_text

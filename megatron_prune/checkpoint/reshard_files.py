@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite

@@ -165,7 +165,7 @@ def test_disk_filling_up_mid_write_leaves_nothing(ckpts, small_disk, monkeypatch
     rc = main(["convert", "hf-to-megatron", "--hf-dir", str(ckpts / "hf"), "--save", str(disk / "out"),
                "--no-progress"])
     line = _one_error_line(capsys.readouterr().err)
-    assert rc == 2 and line.startswith(f"error: no space left on device writing "), line
+    assert rc == 2 and line.startswith("error: no space left on device writing "), line
     assert list(disk.iterdir()) == []
 
 
