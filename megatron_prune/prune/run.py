@@ -205,27 +205,11 @@ def make_plan(cfg: PruneConfig, prep: Prepared, sd: dict) -> PrunePlan:
 
 
 def activation_scores(cfg: PruneConfig, meta: mio.CheckpointMeta, tokens: torch.Tensor):
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
+    from megatron_prune.prune.scoring import loaded_model, score_model
 
-    from megatron_prune.model.dist import init_model_parallel
-    from megatron_prune.model.forward import forward_batches
-    from megatron_prune.model.load import load_model
-    from megatron_prune.prune.importance import ActivationScorer
-
-    info = init_model_parallel(meta.tp, 1, seed=cfg.seed)
-    model, _ = load_model(cfg.load, info, seq_length=cfg.calib.seq_length)
-    model.eval()
-    mbs = cfg.calib.micro_batch_size
-    batches = [tokens[i:i + mbs] for i in range(0, len(tokens), mbs)]
-    with ActivationScorer(model, meta.shape) as scorer:
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not cfg.progress or info.rank != 0,
-                          leave=False):
-            forward_batches(model, [batch], meta.shape.vocab_size)
-    scores = scorer.scores(ps.get_tensor_model_parallel_group())
-    del model
-    ps.destroy_model_parallel()
-    return scores
+    with loaded_model(cfg.load, meta.tp, cfg.calib.seq_length, cfg.seed) as model:
+        return score_model(cfg.importance, model, meta.shape, tokens, cfg.calib.micro_batch_size,
+                           progress=cfg.progress and dist.get_rank() == 0)
 
 
 def check_same_plan(plan: PrunePlan) -> None:
