@@ -57,7 +57,7 @@ def _add_budget_arguments(p) -> None:
     from megatron_prune.prune.search_space import DEFAULT_WIDTH_MULTIPLE, SearchLimits
 
     d = SearchLimits()
-    b = p.add_argument_group("parameter budget (for now: lists candidate shapes with --dry-run; scoring comes next)")
+    b = p.add_argument_group("parameter budget: search the sizes instead of giving them")
     b.add_argument("--target-params", default=None,
                    help="parameters to keep: a count (64047840, 6.4e7) or a share of the source's (50%%); "
                         "searches layers, hidden, heads per group and FFN for shapes within 95-100%% of it")
@@ -70,7 +70,14 @@ def _add_budget_arguments(p) -> None:
                    help=f"at most this fraction of hidden, heads per group and FFN removed (default "
                         f"{d.max_width_drop})")
     b.add_argument("--search-candidates", type=int, default=d.candidates,
-                   help=f"how many of the shapes closest to the budget to list (default {d.candidates})")
+                   help=f"how many of the shapes closest to the budget to try (default {d.candidates})")
+    b.add_argument("--search-eval-samples", type=int, default=16,
+                   help="calibration windows held apart (never used for scores) on which every candidate's "
+                        "loss is measured (default 16)")
+    b.add_argument("--search-kd-iters", type=int, default=0,
+                   help="distil each candidate this many steps from the unpruned model before measuring its "
+                        "loss (slower, ranks by recoverability; default 0)")
+    b.add_argument("--search-kd-lr", type=float, default=1e-4, help="AdamW learning rate of those steps (1e-4)")
     b.add_argument("--dry-run", action="store_true",
                    help="with --target-params: print the candidate table and stop (one process, nothing written)")
 
@@ -79,12 +86,22 @@ def build_config(args):
     from megatron_prune.prune.run import CalibConfig, PruneConfig
     from megatron_prune.prune.select import PruneTarget, layer_ids
 
+    from megatron_prune.prune.search_run import SearchConfig
+
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
              args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers)
     if args.plan and any(v is not None for v in sizes):
         raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
-    target = None
-    if not args.plan:
+    if args.target_params is not None and (args.plan or any(v is not None for v in sizes)):
+        raise InputError("--target-params searches the sizes: do not also give sizes, --drop-layers or --plan")
+    if args.target_params is not None and args.prune_type == "global":
+        raise InputError("--target-params searches balance-mode shapes (equal shards): drop --prune-type global")
+    target = search = None
+    if args.target_params is not None:
+        search = SearchConfig(target_params=args.target_params, limits=_limits(args),
+                              eval_samples=args.search_eval_samples, kd_iters=args.search_kd_iters,
+                              kd_lr=args.search_kd_lr)
+    elif not args.plan:
         target = PruneTarget(hidden_size=args.hidden_size_remain, num_attention_heads=args.num_attention_heads_remain,
                              num_query_groups=args.num_query_groups_remain,
                              ffn_hidden_size=args.ffn_hidden_size_remain, num_layers=args.num_layers_remain,
@@ -94,7 +111,14 @@ def build_config(args):
     return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance,
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
-                       allow_non_finite=args.allow_non_finite)
+                       allow_non_finite=args.allow_non_finite, search=search)
+
+
+def _limits(args):
+    from megatron_prune.prune.search_space import SearchLimits
+
+    return SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
+                        max_width_drop=args.max_width_drop, candidates=args.search_candidates)
 
 
 def _shape_line(s) -> str:
@@ -112,17 +136,10 @@ def run(args) -> int:
 def _search(args) -> int:
     """--target-params --dry-run: the candidate shapes as a table; no processes, nothing written."""
     from megatron_prune.prune.run import search_shapes
-    from megatron_prune.prune.search_space import SearchLimits, format_table
+    from megatron_prune.prune.search_space import format_table
 
-    sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
-             args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers, args.plan)
-    if any(v is not None for v in sizes):
-        raise InputError("--target-params searches the sizes: do not also give sizes, --drop-layers or --plan")
-    if not args.dry_run:
-        raise InputError("--target-params lists candidate shapes only, for now: add --dry-run (scoring the "
-                         "candidates and pruning to the best comes next)")
-    limits = SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
-                          max_width_drop=args.max_width_drop, candidates=args.search_candidates)
+    build_config(args)  # the same argument checks as a real run
+    limits = _limits(args)
     meta, budget, cands = search_shapes(args.load, args.target_params, limits)
     print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget:,} params: "
           f"{len(cands)} candidate shapes (balance mode, width multiple {limits.width_multiple})")
@@ -139,7 +156,7 @@ def _run(args, rank0: bool) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import prune_checkpoint
 
-    if args.target_params is not None:
+    if args.target_params is not None and args.dry_run:
         return _search(args)
     if args.dry_run:
         raise InputError("--dry-run goes with --target-params (for given sizes use --check-only)")
@@ -155,6 +172,11 @@ def _run(args, rank0: bool) -> int:
         if warning:
             print(warning, file=sys.stderr)
         gib = max(result.peak_rss) / 2**30
+        if result.search:
+            print(f"budget {result.search.budget:,} params: {len(result.search.candidates)} candidates, held-out "
+                  f"loss ({result.search.held_out['tokens']} tokens) after pruning"
+                  + (f" and {result.search.kd_iters} distillation steps" if result.search.kd_iters else ""))
+            print(result.search.table())
         print(f"wrote {cfg.save}: {result.plan.summary()}; {result.seconds['total']:.1f} s, "
               f"peak RSS {gib:.2f} GiB/rank")
         if args.json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import mmap
 import os
 import resource
@@ -32,6 +33,7 @@ from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.model.agree import everywhere
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
+from megatron_prune.prune.search_run import SEARCH_FILE, SearchConfig, SearchReport
 from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
 from megatron_prune.prune.select import PruneTarget
 
@@ -66,10 +68,11 @@ class PruneConfig:
     overwrite: bool = False
     progress: bool = True
     allow_non_finite: bool = False      # else pruned tensors holding NaN / Inf are refused before writing
+    search: SearchConfig | None = None  # or a parameter budget: search the sizes (prune.search_run)
 
     def __post_init__(self) -> None:
-        if (self.target is None) == (self.plan is None):
-            raise InputError("give either target sizes or --plan FILE (not both)")
+        if sum(x is not None for x in (self.target, self.plan, self.search)) != 1:
+            raise InputError("give one of: target sizes, --plan FILE, --target-params N")
         if self.importance not in METHODS[:3]:
             raise InputError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
 
@@ -85,6 +88,8 @@ class Prepared:
     iteration: int | str
     target: LlamaShape
     plan: PrunePlan | None
+    candidates: tuple[Candidate, ...] = ()   # the budget search's shapes (cfg.search)
+    budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class PruneResult:
     meta: mio.CheckpointMeta
     seconds: dict
     peak_rss: list[int]   # bytes, per TP rank
+    search: SearchReport | None = None
 
 
 def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
@@ -125,12 +131,17 @@ def check(cfg: PruneConfig) -> Prepared:
     load = Path(cfg.load)
     meta, iteration = check_input(load)
     check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
-    plan = None
+    plan, candidates, budget = None, (), None
     if cfg.plan:
         plan = PrunePlan.load(cfg.plan)
         plan.check_source(meta.shape)
         plan.check_tp(meta.tp, cfg.mode)
         target = target_shape(plan, meta.shape)
+    elif cfg.search:
+        _, budget, found = search_shapes(load, cfg.search.target_params, cfg.search.limits)
+        candidates, target = tuple(found), found[0].shape  # the largest: enough free space for any
+        check_search_importance(cfg.importance, meta.shape, candidates)
+        _calib_source(cfg)
     else:
         target = cfg.target.resolve(meta.shape, meta.tp)
         if target.num_layers < meta.shape.num_layers and not cfg.target.drop_layers \
@@ -140,7 +151,15 @@ def check(cfg: PruneConfig) -> Prepared:
         if cfg.importance == "activation":
             _calib_source(cfg)
     check_free_space(Path(cfg.save).parent, target.num_params() * DTYPE_BYTES[target.dtype], cfg.save)
-    return Prepared(meta=meta, iteration=iteration, target=target, plan=plan)
+    return Prepared(meta=meta, iteration=iteration, target=target, plan=plan, candidates=candidates, budget=budget)
+
+
+def check_search_importance(importance: str, src: LlamaShape, candidates: tuple[Candidate, ...]) -> None:
+    deeper = [c for c in candidates if c.shape.num_layers < src.num_layers]
+    if importance == "magnitude" and deeper:
+        raise PlanError(f"{len(deeper)} of the {len(candidates)} candidate shapes drop layers (e.g. "
+                        f"{deeper[0].line()}), which needs layer scores: use --importance activation, or "
+                        f"--max-depth-drop 0 with magnitude")
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -156,13 +175,13 @@ def _calib_source(cfg: PruneConfig) -> tuple[str, Path]:
                             f"(PREFIX.bin + PREFIX.idx)")
 
 
-def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict]:
-    """[samples, seq_length + 1] token windows (the same on every rank) and their fingerprint."""
+def calibration_windows(cfg: PruneConfig, vocab: int, count: int) -> tuple[torch.Tensor, dict]:
+    """Up to `count` [n, seq_length + 1] token windows (the same on every rank) and where they came from."""
     from megatron_prune.model.evaluate import token_windows
 
     c = cfg.calib
     kind, path = _calib_source(cfg)
-    want = c.samples * c.seq_length
+    want = count * c.seq_length
     if kind == "indexed":
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -176,13 +195,23 @@ def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict
         from megatron_prune.cli.eval import read_windows
 
         windows = read_windows(str(path), c.tokenizer or cfg.load, c.seq_length, want)
-    windows = windows[: c.samples]
+    windows = windows[:count]
     if int(windows.max()) >= vocab:
         raise InputError(f"calibration token id {int(windows.max())} >= vocab size {vocab}: the tokenizer or "
                          f"dataset does not belong to this model")
+    return windows, {"source": str(path), "kind": kind}
+
+
+def windows_fingerprint(windows: torch.Tensor, where: dict) -> dict:
     digest = hashlib.sha256(windows.numpy().astype("int64").tobytes()).hexdigest()
-    return windows, {"source": str(path), "kind": kind, "samples": len(windows), "seq_length": c.seq_length,
-                     "tokens": int(windows[:, 1:].numel()), "sha256": digest}
+    return {**where, "samples": len(windows), "seq_length": windows.shape[1] - 1,
+            "tokens": int(windows[:, 1:].numel()), "sha256": digest}
+
+
+def calibration_tokens(cfg: PruneConfig, vocab: int) -> tuple[torch.Tensor, dict]:
+    """[samples, seq_length + 1] token windows (the same on every rank) and their fingerprint."""
+    windows, where = calibration_windows(cfg, vocab, cfg.calib.samples)
+    return windows, windows_fingerprint(windows, where)
 
 
 # ----------------------------------------------------------------------------- making the plan
@@ -232,8 +261,14 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     meta = prep.meta
     times = {}
     t0 = time.perf_counter()
+    report = None
+    if cfg.search:  # before the shard is mapped below: the search holds its own loaded copy of it
+        from megatron_prune.prune.search_run import search_plan
+
+        plan, report = search_plan(cfg, meta, list(prep.candidates), prep.budget)
     state = agree(mio.load_rank, cfg.load, rank, 0, meta, prep.iteration)  # this rank's own file (mmap)
-    plan = prep.plan or make_plan(cfg, prep, state["model"])
+    if not cfg.search:
+        plan = prep.plan or make_plan(cfg, prep, state["model"])
     if prep.plan and cfg.mode:
         plan = plan.replace(mode=cfg.mode)
     check_same_plan(plan)
@@ -251,11 +286,11 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
             check_finite_state(source, sd)
         mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0))
 
-    write_distributed(cfg, rank, write_rank, lambda tmp: _finalize(tmp, cfg, new_meta, plan))
+    write_distributed(cfg, rank, write_rank, lambda tmp: _finalize(tmp, cfg, new_meta, plan, report))
     times["total"] = time.perf_counter() - t0
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return PruneResult(plan=plan, meta=new_meta, seconds=times, peak_rss=rss)
+    return PruneResult(plan=plan, meta=new_meta, seconds=times, peak_rss=rss, search=report)
 
 
 def check_finite_state(source: Path, sd: dict) -> None:
@@ -274,9 +309,14 @@ def _check_job(cfg: PruneConfig, world: int) -> Prepared:
     return prep
 
 
-def _finalize(tmp: Path, cfg: PruneConfig, meta: mio.CheckpointMeta, plan: PrunePlan) -> None:
+def _finalize(tmp: Path, cfg: PruneConfig, meta: mio.CheckpointMeta, plan: PrunePlan,
+              report: SearchReport | None = None) -> None:
+    from megatron_prune.checkpoint.atomic import atomic_write_text
+
     copy_tokenizer_files(Path(cfg.load), tmp)
     plan.save(tmp / PLAN_FILE)
+    if report is not None:
+        atomic_write_text(tmp / SEARCH_FILE, json.dumps(report.to_json(), indent=1) + "\n")
     mio.write_meta(tmp, meta)
     mio.write_tracker(tmp, "release")
 
