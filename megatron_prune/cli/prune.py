@@ -182,7 +182,8 @@ def _run(args, rank0: bool) -> int:
         if args.json:
             print(json.dumps({"save": cfg.save, "plan_sha256": result.plan.fingerprint(), "seconds": result.seconds,
                               "peak_rss": result.peak_rss, "target": result.meta.shape.to_dict(),
-                              "rank_sizes": result.meta.rank_sizes}))
+                              "rank_sizes": result.meta.rank_sizes,
+                              "search": result.search.to_json() if result.search else None}))
     sys.stdout.flush()
     return 0
 

@@ -151,9 +151,9 @@ def distill(student, teacher, windows: torch.Tensor, iters: int, lr: float, micr
 
 
 def evaluate_candidates(model, meta, plans: list[PrunePlan], held_out: torch.Tensor, scoring: torch.Tensor,
-                        cfg, progress: bool) -> tuple[list[float], list[float], list[float]]:
+                        cfg, progress: bool) -> tuple[list[float], list[float], list[dict]]:
     """(held-out loss, loss before the distillation steps (if any), seconds) of every plan, one pruned model in
-    memory at a time."""
+    memory at a time; seconds = {"build": slice + load, "evaluate": (distil +) held-out passes}."""
     from tqdm import tqdm
 
     from megatron_prune.model.evaluate import evaluate_megatron
@@ -165,13 +165,14 @@ def evaluate_candidates(model, meta, plans: list[PrunePlan], held_out: torch.Ten
     for plan in tqdm(plans, desc="candidates", unit="shape", disable=not progress, leave=False):
         t0 = time.perf_counter()
         pruned = pruned_model(model_sd, plan, meta, cfg.calib.seq_length)
+        t1 = time.perf_counter()
         if cfg.search.kd_iters:
             before.append(loss(pruned))
             distill(pruned, model, scoring, cfg.search.kd_iters, cfg.search.kd_lr, cfg.calib.micro_batch_size,
                     meta.shape.vocab_size)
         losses.append(loss(pruned))
         del pruned
-        seconds.append(time.perf_counter() - t0)
+        seconds.append({"build": t1 - t0, "evaluate": time.perf_counter() - t1})
     return losses, before, seconds
 
 

@@ -1,0 +1,60 @@
+"""The budget search's pure parts: held-out split, the report file and the stdout table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_prune.config.shape import LlamaShape
+from megatron_prune.errors import UserError
+from megatron_prune.prune.search_run import SearchConfig, SearchReport, split_windows
+from megatron_prune.prune.search_space import Candidate
+
+SRC = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
+                 kv_channels=16, vocab_size=512)
+
+
+def test_held_out_windows_are_disjoint_and_taken_from_the_end():
+    w = torch.arange(10 * 5).view(10, 5)
+    scoring, held = split_windows(w, scoring=6, held_out=3, source="x")
+    assert scoring.tolist() == w[:6].tolist() and held.tolist() == w[7:].tolist()
+    scoring, held = split_windows(w, scoring=64, held_out=4, source="x")  # short text: scoring gets the rest
+    assert len(scoring) == 6 and held.tolist() == w[6:].tolist()
+
+
+def test_too_few_windows_is_one_user_error_naming_the_source():
+    with pytest.raises(UserError, match=r"calib\.txt: 3 calibration windows, the search needs at least 5"):
+        split_windows(torch.zeros(3, 5, dtype=torch.long), scoring=8, held_out=4, source="calib.txt")
+
+
+@pytest.mark.parametrize("bad", [dict(eval_samples=0), dict(kd_iters=-1), dict(kd_lr=0.0)])
+def test_search_config_refuses_bad_values(bad):
+    with pytest.raises(UserError):
+        SearchConfig(target_params="50%", **bad)
+
+
+def report(kd: bool = False) -> SearchReport:
+    shapes = [SRC.replace(num_layers=3), SRC.replace(hidden_size=48)]
+    cands = tuple(Candidate(shape=s, params=s.num_params(), budget=200_000) for s in shapes)
+    return SearchReport(budget=200_000, candidates=cands, losses=(6.5, 6.25), chosen=1, method="activation",
+                        held_out={"sha256": "ab"}, kd_iters=2 if kd else 0, seconds={"total": 1.0},
+                        pruned_losses=(7.0, 7.5) if kd else ())
+
+
+def test_report_json_has_the_documented_fields():
+    d = json.loads(json.dumps(report().to_json()))
+    assert d["budget"] == 200_000 and d["chosen"] == 1
+    assert [sorted(c) for c in d["candidates"]] == [["params", "score", "shape"]] * 2
+    assert LlamaShape.from_dict(d["candidates"][1]["shape"]).hidden_size == 48
+    assert d["candidates"][0]["params"] == SRC.replace(num_layers=3).num_params()
+    kd = report(kd=True).to_json()["candidates"]
+    assert [c["loss_after_pruning"] for c in kd] == [7.0, 7.5] and [c["score"] for c in kd] == [6.5, 6.25]
+
+
+def test_table_marks_exactly_the_chosen_row():
+    lines = report().table().splitlines()
+    assert lines[0].split() == ["rank", "shape", "params", "loss", "chosen"]
+    assert [line.rstrip().endswith("*") for line in lines[1:]] == [False, True]
+    assert "6.2500" in lines[2] and f"{SRC.replace(hidden_size=48).num_params():,}" in lines[2]
