@@ -21,8 +21,9 @@ Under TP, heads, groups and FFN channels live on one rank (gathered in rank orde
 each rank sums its sharded weights' contributions, the replicated norms (same gradient on every rank, since the
 gradient entering a column-parallel linear is all-reduced) are counted on TP rank 0 only, then summed over
 ranks. Padded vocab rows are excluded (their weights are zero or never reached; the mask makes it explicit).
-Cost: one forward + one backward per batch, about 3x an activation pass, plus the parameters' gradients
-(one extra copy of the rank's shard) while a batch is in flight.
+Cost: one forward + one backward per batch; memory: the activations the backward needs and the parameters'
+gradients (one extra copy of the rank's shard) while a batch is in flight. Measured on SmolLM2-135M at TP=3
+(16 x 256 tokens, 2-core CPU): plan stage 77 s vs activation's 20 s, peak RSS 2.2 vs 1.0 GiB per rank.
 """
 
 from __future__ import annotations
