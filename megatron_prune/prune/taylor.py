@@ -129,13 +129,21 @@ def taylor_scores(model, shape: LlamaShape, windows: torch.Tensor, micro_batch_s
     mask = causal_mask(windows.shape[1] - 1, device)
     model.zero_grad(set_to_none=True)
     batches = [windows[i:i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
-    with ActivationScorer(model, shape) as scorer, torch.enable_grad():
-        for batch in tqdm(batches, desc="taylor", unit="batch", disable=not progress, leave=False):
-            tokens = batch.to(device)
-            inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-            pos = torch.arange(inputs.shape[1], device=device).unsqueeze(0).expand_as(inputs)
-            logits = model(inputs, pos, mask)  # [b, s, v / tp]
-            (token_losses(logits, labels, shape.vocab_size).sum() / total).backward()
-            acc.add_batch()
-            model.zero_grad(set_to_none=True)
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # a frozen weight would score 0 silently
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with ActivationScorer(model, shape) as scorer, torch.enable_grad():
+            for batch in tqdm(batches, desc="taylor", unit="batch", disable=not progress, leave=False):
+                tokens = batch.to(device)
+                inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+                pos = torch.arange(inputs.shape[1], device=device).unsqueeze(0).expand_as(inputs)
+                logits = model(inputs, pos, mask)  # [b, s, v / tp]
+                (token_losses(logits, labels, shape.vocab_size).sum() / total).backward()
+                acc.add_batch()
+                model.zero_grad(set_to_none=True)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(False)
     return acc.scores(scorer.scores(group).layers, group)

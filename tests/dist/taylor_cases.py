@@ -26,12 +26,16 @@ def taylor(payload: dict) -> dict:
             meta = mio.read_meta(case["load"])
             windows = torch.tensor(case["windows"])
             with loaded_model(case["load"], meta.tp, windows.shape[1] - 1, seed=1) as model:
+                for p in model.parameters():  # e.g. a caller's frozen model: must still be scored, left frozen
+                    p.requires_grad_(not case.get("frozen", False))
                 scores = score_model("taylor", model, meta.shape, windows, case["micro_batch_size"])
                 grads_left = [n for n, p in model.named_parameters() if p.grad is not None]
+                frozen_after = [n for n, p in model.named_parameters() if not p.requires_grad]
             kept = [t for t in (*scorers[-1].hidden_sq, *scorers[-1].heads_sq, *scorers[-1].ffn_sq,
                                 scorers[-1].bi_sum) if isinstance(t, torch.Tensor)]
             out[case["name"]] = {"scores": scores.__dict__, "grads_left": grads_left,
-                                 "graph_kept": any(t.requires_grad for t in kept)}
+                                 "graph_kept": any(t.requires_grad for t in kept), "frozen_after": frozen_after,
+                                 "params": [n for n, _ in model.named_parameters()]}
     finally:
         importance.ActivationScorer.__init__ = real_init
     return out

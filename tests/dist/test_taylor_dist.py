@@ -69,6 +69,7 @@ def world(tmp_path_factory):
     windows = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(3))
     cases = [{"name": n, "load": str(root / f"{n}-tp2"), "windows": windows.tolist(), "micro_batch_size": MICRO}
              for n in models]
+    cases.append({**cases[0], "name": "untied-frozen", "frozen": True})
     per_rank = run_distributed(2, "tests.dist.taylor_cases:taylor", {"cases": cases})
     return {"root": root, "models": models, "windows": windows, "per_rank": per_rank}
 
@@ -94,7 +95,14 @@ def test_taylor_scores_at_tp2_equal_hf_autograd_reference(world, name):
     # a group's score is its own signed sum, not the sum of its heads' absolute scores
     assert not torch.allclose(runs[0]["scores"]["groups"], runs[0]["scores"]["heads"].sum(-1))
     for run in runs:
-        assert run["grads_left"] == [] and not run["graph_kept"]
+        assert run["grads_left"] == [] and not run["graph_kept"] and run["frozen_after"] == []
+
+
+def test_frozen_parameters_are_scored_and_left_frozen(world):
+    for run in world["per_rank"]:
+        frozen, free = run["untied-frozen"], run["untied"]
+        assert all(torch.equal(frozen["scores"][f], free["scores"][f]) for f in ("hidden", "heads", "groups", "ffn"))
+        assert frozen["grads_left"] == [] and frozen["frozen_after"] == frozen["params"]
 
 
 def write_indexed(prefix, n: int) -> None:
