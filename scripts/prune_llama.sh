@@ -13,10 +13,11 @@
 #   --num-query-groups-remain     NUM_QUERY_GROUPS_REMAIN     query groups (KV heads) to keep
 #                                                             [MHA stays MHA; GQA keeps its groups]
 #   --ffn-hidden-size-remain      FFN_HIDDEN_SIZE_REMAIN      FFN channels to keep                   []
-#   --num-layers-remain           NUM_LAYERS_REMAIN           layers to keep, by Block Influence (activation) []
+#   --num-layers-remain           NUM_LAYERS_REMAIN           layers to keep, by Block Influence (activation|taylor) []
 #   --drop-layers                 DROP_LAYERS                 layer ids to drop, 0-based, e.g. 7,13,18,24  []
 #   --prune-type                  PRUNE_TYPE                  balance (equal shards) | global (uneven)  [balance]
-#   --importance                  IMPORTANCE                  random | magnitude | activation        [random]
+#   --importance                  IMPORTANCE                  random | magnitude | activation | taylor  [random]
+#                                                             (taylor: |weight x gradient| per unit, backward passes)
 #   --calib-data                  CALIB_DATA                  text/jsonl file or indexed dataset prefix
 #                                                                                    [the shipped English sample]
 #   --calib-samples               CALIB_SAMPLES               calibration sequences                  [64]

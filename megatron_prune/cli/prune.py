@@ -33,10 +33,13 @@ def add_arguments(p) -> None:
     p.add_argument("--prune-type", choices=["balance", "global"], default=None,
                    help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
                         "best over all ranks, uneven shards (reshard before training)")
-    p.add_argument("--importance", choices=["random", "magnitude", "activation"], default="random",
-                   help="how units are scored (default random)")
+    p.add_argument("--importance", choices=["random", "magnitude", "activation", "taylor"], default="random",
+                   help="how units are scored (default random): random; magnitude (weight norms, no data); "
+                        "activation (Minitron: activation norms on calibration text, layers by Block Influence); "
+                        "taylor (|sum of weight x gradient| of the calibration loss per unit, layers by Block "
+                        "Influence; backward passes, about 3x activation's cost)")
     p.add_argument("--seed", type=int, default=1234, help="random plan seed (default 1234)")
-    c = p.add_argument_group("calibration (activation importance)")
+    c = p.add_argument_group("calibration (activation and taylor importance)")
     c.add_argument("--calib-data", default=None,
                    help="text / jsonl file or indexed dataset prefix (default: the shipped English sample)")
     c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")

@@ -87,7 +87,8 @@ def magnitude_scores(sd: dict, shape: LlamaShape, group=None) -> Scores:
 # ----------------------------------------------------------------------------- activation (calibration passes)
 class ActivationScorer:
     """Context manager: hooks on a megatron-core GPTModel (PP=1, local spec) that accumulate importance while
-    the caller runs forward passes; `scores(group)` then returns the global Scores."""
+    the caller runs forward passes; `scores(group)` then returns the global Scores. The hooks detach what they
+    keep, so passes run with autograd (Taylor importance) do not keep their graphs alive across batches."""
 
     def __init__(self, model, shape: LlamaShape, block_influence: bool = True):
         self.layers = list(model.decoder.layers)
@@ -122,21 +123,21 @@ class ActivationScorer:
 
     def _norm_hook(self, k: int):
         def hook(module, args, output):
-            self.hidden_sq[k] = self.hidden_sq[k] + _seq_mean_sq(output)
+            self.hidden_sq[k] = self.hidden_sq[k] + _seq_mean_sq(output.detach())
         return hook
 
     def _proj_hook(self, i: int):
         d = self.shape.kv_channels
 
         def hook(module, args):
-            x = args[0]
+            x = args[0].detach()
             per_head = x.float().view(*x.shape[:2], -1, d).norm(dim=-1)  # [s, b, local heads]
             self.heads_sq[i] = self.heads_sq[i] + _seq_mean_sq(per_head)
         return hook
 
     def _fc2_hook(self, i: int):
         def hook(module, args):
-            self.ffn_sq[i] = self.ffn_sq[i] + _seq_mean_sq(args[0])
+            self.ffn_sq[i] = self.ffn_sq[i] + _seq_mean_sq(args[0].detach())
         return hook
 
     def _layer_in(self, i: int):
@@ -147,7 +148,7 @@ class ActivationScorer:
     def _layer_out(self, i: int):
         def hook(module, args, output):
             x, y = self._inputs.pop(i), output[0] if isinstance(output, tuple) else output
-            x, y = x.float(), y.float()
+            x, y = x.detach().float(), y.detach().float()
             # cosine per token; written out because F.cosine_similarity is ~3x slower on CPU
             cos = (x * y).sum(dim=-1) / (torch.linalg.vector_norm(x, dim=-1) *
                                          torch.linalg.vector_norm(y, dim=-1)).clamp_min(1e-12)  # [s, b]

@@ -22,7 +22,7 @@ from megatron_prune.config.shape import LlamaShape
 SCHEMA_VERSION = 1
 KIND = "megatron_prune.prune_plan"
 MODES = ("balance", "global")
-METHODS = ("random", "magnitude", "activation", "manual")
+METHODS = ("random", "magnitude", "activation", "taylor", "manual")
 # Shape fields a plan must agree on with a checkpoint (dtype, rope and eps do not change what is sliced).
 STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
              "kv_channels", "vocab_size", "tie_word_embeddings")

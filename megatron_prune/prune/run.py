@@ -33,12 +33,14 @@ from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.model.agree import everywhere
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
+from megatron_prune.prune.scoring import MODEL_METHODS
 from megatron_prune.prune.search_run import SEARCH_FILE, SearchConfig, SearchReport
 from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
 from megatron_prune.prune.select import PruneTarget
 
 PLAN_FILE = "prune_plan.json"
 SAMPLE_TEXT = Path(__file__).resolve().parent.parent / "data" / "samples" / "train.jsonl"
+IMPORTANCES = tuple(m for m in METHODS if m != "manual")  # "manual": a plan given by hand, not a scoring method
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.plan, self.search)) != 1:
             raise InputError("give one of: target sizes, --plan FILE, --target-params N")
-        if self.importance not in METHODS[:3]:
-            raise InputError(f"--importance {self.importance!r} is not one of {', '.join(METHODS[:3])}")
+        if self.importance not in IMPORTANCES:
+            raise InputError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
 
     def inputs(self) -> dict[str, str | None]:
         """Every path this run reads (the output must not overlap any of them)."""
@@ -146,9 +148,9 @@ def check(cfg: PruneConfig) -> Prepared:
         target = cfg.target.resolve(meta.shape, meta.tp)
         if target.num_layers < meta.shape.num_layers and not cfg.target.drop_layers \
                 and cfg.importance == "magnitude":
-            raise PlanError("choosing layers to drop needs Block Influence (--importance activation) or "
-                            "--drop-layers; magnitude importance has no layer scores")
-        if cfg.importance == "activation":
+            raise PlanError("choosing layers to drop needs Block Influence (--importance activation or taylor) "
+                            "or --drop-layers; magnitude importance has no layer scores")
+        if cfg.importance in MODEL_METHODS:
             _calib_source(cfg)
     check_free_space(Path(cfg.save).parent, target.num_params() * DTYPE_BYTES[target.dtype], cfg.save)
     return Prepared(meta=meta, iteration=iteration, target=target, plan=plan, candidates=candidates, budget=budget)
@@ -158,7 +160,7 @@ def check_search_importance(importance: str, src: LlamaShape, candidates: tuple[
     deeper = [c for c in candidates if c.shape.num_layers < src.num_layers]
     if importance == "magnitude" and deeper:
         raise PlanError(f"{len(deeper)} of the {len(candidates)} candidate shapes drop layers (e.g. "
-                        f"{deeper[0].line()}), which needs layer scores: use --importance activation, or "
+                        f"{deeper[0].line()}), which needs layer scores: use --importance activation or taylor, or "
                         f"--max-depth-drop 0 with magnitude")
 
 
@@ -229,8 +231,8 @@ def make_plan(cfg: PruneConfig, prep: Prepared, sd: dict) -> PrunePlan:
         scores = magnitude_scores(sd, meta.shape)
         return select(scores, meta.shape, spec, meta.tp, "magnitude", seed=cfg.seed)
     tokens, fingerprint = calibration_tokens(cfg, meta.shape.vocab_size)
-    scores = activation_scores(cfg, meta, tokens)
-    return select(scores, meta.shape, spec, meta.tp, "activation", seed=cfg.seed, calibration=fingerprint)
+    scores = activation_scores(cfg, meta, tokens)  # activation or taylor (score_model dispatches)
+    return select(scores, meta.shape, spec, meta.tp, cfg.importance, seed=cfg.seed, calibration=fingerprint)
 
 
 def activation_scores(cfg: PruneConfig, meta: mio.CheckpointMeta, tokens: torch.Tensor):

@@ -18,7 +18,7 @@ import torch
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.prune.select import Scores
 
-MODEL_METHODS = ("activation",)  # importance methods that run the model on calibration tokens
+MODEL_METHODS = ("activation", "taylor")  # importance methods that run the model on calibration tokens
 
 
 @contextlib.contextmanager
@@ -54,6 +54,10 @@ def score_model(method: str, model, shape: LlamaShape, windows: torch.Tensor, mi
 
     if method not in MODEL_METHODS:
         raise ValueError(f"{method!r} is not a model-based importance method ({', '.join(MODEL_METHODS)})")
+    if method == "taylor":
+        from megatron_prune.prune.taylor import taylor_scores
+
+        return taylor_scores(model, shape, windows, micro_batch_size, progress)
     batches = micro_batches(windows, micro_batch_size)
     with ActivationScorer(model, shape) as scorer:
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):

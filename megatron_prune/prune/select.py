@@ -27,6 +27,8 @@ class Scores:
     heads: torch.Tensor                  # [layers, groups, heads_per_group]
     ffn: torch.Tensor                    # [layers, ffn]
     layers: torch.Tensor | None = None   # [layers] (Block Influence), None when not measured
+    groups: torch.Tensor | None = None   # [layers, groups]: a query group's own score (Taylor: its heads, k
+                                         # and v together); None: the sum of its heads' scores
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def select_layers(src: LlamaShape, target: LlamaShape, spec: PruneTarget, layer_
         return []
     if layer_scores is None:
         raise PlanError(f"choosing {n_drop} layers to drop needs layer scores (Block Influence from "
-                        f"--importance activation); or name them with --drop-layers")
+                        f"--importance activation or taylor); or name them with --drop-layers")
     return sorted(torch.sort(layer_scores.float(), stable=True).indices[:n_drop].tolist())
 
 
@@ -147,7 +149,7 @@ def make_plan(scores: Scores, src: LlamaShape, spec: PruneTarget, tp: int, metho
         if i in dropped:
             continue
         heads = scores.heads[i].float()                   # [groups, heads_per_group]
-        group_score = heads.sum(dim=1)
+        group_score = heads.sum(dim=1) if scores.groups is None else scores.groups[i].float()
         g_keep = target.num_query_groups
         groups = top(group_score, g_keep) if spec.mode == "global" else top_per_part(group_score, g_keep, g_parts)
         kept_heads = tuple(tuple(top(heads[g], target.heads_per_group)) for g in groups)
@@ -165,8 +167,10 @@ def _floats(t: torch.Tensor | None) -> tuple[float, ...] | None:
 
 def check_scores(scores: Scores, src: LlamaShape) -> None:
     want = {"hidden": (src.hidden_size,), "heads": (src.num_layers, src.num_query_groups, src.heads_per_group),
-            "ffn": (src.num_layers, src.ffn_hidden_size)}
+            "ffn": (src.num_layers, src.ffn_hidden_size), "groups": (src.num_layers, src.num_query_groups)}
     for name, shape in want.items():
+        if getattr(scores, name) is None and name == "groups":
+            continue
         got = tuple(getattr(scores, name).shape)
         if got != shape:
             raise PlanError(f"{name} scores have shape {got}, expected {shape}")

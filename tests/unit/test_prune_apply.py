@@ -175,6 +175,8 @@ def cli_ckpt(tmp_path_factory):
     (["--load", "{root}/pp2", "--ffn-hidden-size-remain", "64"], "pp=2; the pruner needs PP=1: reshard to PP=1"),
     (["--importance", "activation", "--calib-data", "{root}/nope.txt", "--ffn-hidden-size-remain", "64"],
      "neither a text/jsonl file nor an indexed dataset prefix"),
+    (["--importance", "taylor", "--calib-data", "{root}/nope.txt", "--ffn-hidden-size-remain", "64"],
+     "neither a text/jsonl file nor an indexed dataset prefix"),
     (["--num-layers-remain", "3", "--importance", "magnitude"], "needs Block Influence"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(cli_ckpt, capsys, argv, message):

@@ -64,6 +64,24 @@ def test_balance_selection_is_per_partition_and_global_is_not():
     g.check_tp(2)  # a global plan may be uneven
 
 
+@pytest.mark.parametrize("mode", ["global", "balance"])
+def test_group_scores_drive_group_choice_when_given(mode):
+    # heads say groups 0 and 2 (of 4, 2 per TP partition); the groups' own scores (Taylor: heads + k + v, signs
+    # inside) say 1 and 3. Heads inside a kept group are still chosen by head scores.
+    src = LlamaShape(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=8, num_query_groups=4,
+                     kv_channels=2, vocab_size=10)
+    heads = torch.tensor([[[5.0, 4.0], [1.0, 0.0], [6.0, 3.0], [0.0, 2.0]]])
+    spec = PruneTarget(num_attention_heads=2, num_query_groups=2, mode=mode)
+    plain = make_plan(Scores(torch.ones(8), heads, torch.ones(1, 8)), src, spec, tp=2, method="manual")
+    assert plain.layers[0].groups == (0, 2)
+    with_groups = Scores(torch.ones(8), heads, torch.ones(1, 8), groups=torch.tensor([[0.5, 9.0, 0.1, 7.0]]))
+    plan = make_plan(with_groups, src, spec, tp=2, method="taylor")
+    assert plan.layers[0].groups == (1, 3) and plan.layers[0].heads == ((0,), (1,))
+    with pytest.raises(PlanError, match=r"groups scores have shape \(1, 3\), expected \(1, 4\)"):
+        make_plan(Scores(torch.ones(8), heads, torch.ones(1, 8), groups=torch.ones(1, 3)), src, spec, tp=2,
+                  method="taylor")
+
+
 def test_selection_primitives_and_ties():
     assert top(torch.tensor([1.0, 3.0, 3.0, 0.0, 2.0]), 2) == [1, 2]
     assert top(torch.tensor([0.0, 0.0, 0.0, 1.0]), 2) == [0, 3]  # a tie goes to the lower index
