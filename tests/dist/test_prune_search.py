@@ -36,6 +36,7 @@ def world(tmp_path_factory):
     base = dict(load=str(root / "gqa-tp2"), budget="60%", limits=LIMITS, eval_samples=4, calib=calib)
     cases = [dict(base, name="activation", importance="activation"),
              dict(base, name="random", importance="random"),
+             dict(base, name="taylor", importance="taylor"),
              dict(base, name="kd", importance="activation", kd_iters=3)]
     for c in cases:
         c["save"] = str(root / c["name"])
@@ -43,7 +44,7 @@ def world(tmp_path_factory):
     return {"root": root, "per_rank": per_rank, "cases": {c["name"]: c for c in cases}}
 
 
-@pytest.mark.parametrize("name", ["activation", "random", "kd"])
+@pytest.mark.parametrize("name", ["activation", "random", "taylor", "kd"])
 def test_in_memory_loss_equals_the_written_checkpoint(world, name):
     for rank in range(2):
         run = world["per_rank"][rank][name]
@@ -58,7 +59,7 @@ def test_in_memory_loss_equals_the_written_checkpoint(world, name):
 
 def test_the_lowest_loss_wins_and_is_what_was_written(world):
     root = world["root"]
-    for name in ("activation", "random", "kd"):
+    for name in ("activation", "random", "taylor", "kd"):
         report = world["per_rank"][0][name]["report"]
         scores = [c["score"] for c in report["candidates"]]
         assert len(scores) == LIMITS["candidates"] and all(isinstance(s, float) for s in scores)
