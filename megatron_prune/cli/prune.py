@@ -7,6 +7,7 @@ Layer ids are 0-based, as in HF's model.layers.N.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -57,10 +58,19 @@ def _add_budget_arguments(p) -> None:
     from megatron_prune.prune.search_space import DEFAULT_WIDTH_MULTIPLE, SearchLimits
 
     d = SearchLimits()
-    b = p.add_argument_group("parameter budget (for now: lists candidate shapes with --dry-run; scoring comes next)")
+    b = p.add_argument_group("budget (for now: lists candidate shapes with --dry-run; scoring comes next)")
     b.add_argument("--target-params", default=None,
                    help="parameters to keep: a count (64047840, 6.4e7) or a share of the source's (50%%); "
                         "searches layers, hidden, heads per group and FFN for shapes within 95-100%% of it")
+    b.add_argument("--target-memory-gb", default=None,
+                   help="inference memory in GiB (2^30 bytes): bf16 weights + the KV cache of --memory-batch-size x "
+                        "--memory-seq-length tokens. Alone: shapes within 95-100%% of it; with --target-params: "
+                        "95-100%% of the parameters and at most this memory")
+    b.add_argument("--memory-seq-length", type=int, default=None,
+                   help="tokens per sequence in the KV cache of --target-memory-gb (default: the model's "
+                        "max_position_embeddings, the longest context it serves)")
+    b.add_argument("--memory-batch-size", type=int, default=1,
+                   help="sequences in the KV cache of --target-memory-gb (default 1)")
     b.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
                    help=f"hidden and FFN sizes are multiples of this, or unchanged (default {DEFAULT_WIDTH_MULTIPLE}: "
                         f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models)")
@@ -71,8 +81,8 @@ def _add_budget_arguments(p) -> None:
                         f"{d.max_width_drop})")
     b.add_argument("--search-candidates", type=int, default=d.candidates,
                    help=f"how many of the shapes closest to the budget to list (default {d.candidates})")
-    b.add_argument("--dry-run", action="store_true",
-                   help="with --target-params: print the candidate table and stop (one process, nothing written)")
+    b.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                   help="with a budget: print the candidate table and stop (one process, nothing written)")
 
 
 def build_config(args):
@@ -110,24 +120,48 @@ def run(args) -> int:
 
 
 def _search(args) -> int:
-    """--target-params --dry-run: the candidate shapes as a table; no processes, nothing written."""
+    """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
+    number of candidates. No processes, nothing written."""
+    from megatron_prune.checkpoint.atomic import check_output_dir
     from megatron_prune.prune.run import search_shapes
     from megatron_prune.prune.search_space import SearchLimits, format_table
 
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
              args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers, args.plan)
     if any(v is not None for v in sizes):
-        raise InputError("--target-params searches the sizes: do not also give sizes, --drop-layers or --plan")
-    if not args.dry_run:
-        raise InputError("--target-params lists candidate shapes only, for now: add --dry-run (scoring the "
-                         "candidates and pruning to the best comes next)")
+        raise InputError("a budget (--target-params / --target-memory-gb) searches the sizes: do not also give "
+                         "sizes, --drop-layers or --plan")
+    if not (args.dry_run or args.check_only):
+        raise InputError("a budget lists candidate shapes only, for now: add --dry-run (scoring the candidates and "
+                         "pruning to the best comes next)")
     limits = SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
                           max_width_drop=args.max_width_drop, candidates=args.search_candidates)
-    meta, budget, cands = search_shapes(args.load, args.target_params, limits)
-    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget:,} params: "
-          f"{len(cands)} candidate shapes (balance mode, width multiple {limits.width_multiple})")
-    print(format_table(cands))
+    meta, budget, cands = search_shapes(args.load, args.target_params, limits, memory_gb=args.target_memory_gb,
+                                        seq_length=args.memory_seq_length, batch_size=args.memory_batch_size)
+    head = (f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget.describe()}: "
+            f"{len(cands)} candidate shapes (balance mode, width multiple {limits.width_multiple})")
+    if args.dry_run:
+        print(head)
+        print(format_table(cands))
+    else:
+        check_output_dir(args.save, args.overwrite, inputs={"--load": args.load, "--calib-data": args.calib_data,
+                                                            "--tokenizer": args.tokenizer})
+        print(f"ok: {head}")
     return 0
+
+
+def _check_memory_flags(args) -> None:
+    if args.target_memory_gb is None and (args.memory_seq_length is not None or args.memory_batch_size != 1):
+        raise InputError("--memory-seq-length / --memory-batch-size size the KV cache of --target-memory-gb: "
+                         "give --target-memory-gb too")
+
+
+def _width_warning(cfg, width_multiple: int) -> str | None:
+    """Hand-given widths off the --width-multiple grid: one warning line (rank 0 / --check-only)."""
+    from megatron_prune.prune.search_space import width_warning
+
+    t = cfg.target
+    return width_warning(width_multiple, hidden=t.hidden_size, ffn=t.ffn_hidden_size) if t is not None else None
 
 
 def _run(args, rank0: bool) -> int:
@@ -139,21 +173,23 @@ def _run(args, rank0: bool) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import prune_checkpoint
 
-    if args.target_params is not None:
+    _check_memory_flags(args)
+    if args.target_params is not None or args.target_memory_gb is not None:
         return _search(args)
     if args.dry_run:
-        raise InputError("--dry-run goes with --target-params (for given sizes use --check-only)")
+        raise InputError("--dry-run goes with --target-params / --target-memory-gb (for given sizes use "
+                         "--check-only)")
     if args.check_only:  # one process, no process group
-        return _check_only(build_config(args), args.tp)
+        return _check_only(build_config(args), args.tp, args.width_multiple)
     init_process_group()
     cfg = agree(build_config, args)
     with contextlib.ExitStack() as locks:
         agree(hold_output_lock, locks, cfg.save)
         result = prune_checkpoint(cfg)
     if rank0:
-        warning = hf_config_warning(result.meta.shape)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (hf_config_warning(result.meta.shape), _width_warning(cfg, args.width_multiple)):
+            if warning:
+                print(warning, file=sys.stderr)
         gib = max(result.peak_rss) / 2**30
         print(f"wrote {cfg.save}: {result.plan.summary()}; {result.seconds['total']:.1f} s, "
               f"peak RSS {gib:.2f} GiB/rank")
@@ -165,7 +201,7 @@ def _run(args, rank0: bool) -> int:
     return 0
 
 
-def _check_only(cfg, tp: int | None) -> int:
+def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import check
 
@@ -174,7 +210,7 @@ def _check_only(cfg, tp: int | None) -> int:
         raise InputError(f"--tp {tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
                          f"process per TP rank of its input (reshard it first to change TP)")
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
-    warning = hf_config_warning(prep.target)
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):
+        if warning:
+            print(warning, file=sys.stderr)
     return 0
