@@ -17,7 +17,8 @@ from megatron_prune.errors import InputError
 
 def add_arguments(p) -> None:
     p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
-    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--save", default=None,
+                   help="output directory (must not exist or be empty); required except with --dry-run")
     p.add_argument("--tp", type=int, default=None,
                    help="the checkpoint's TP size = the number of processes; checked against --load (default: "
                         "--load's)")
@@ -173,6 +174,10 @@ def _run(args, rank0: bool) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import prune_checkpoint
 
+    if args.save is None and not args.dry_run:  # --dry-run writes nothing; argparse cannot say "unless"
+        from megatron_prune.cli.common import name_env_flags
+
+        raise InputError(name_env_flags("the following arguments are required: --save") + " (see --help)")
     _check_memory_flags(args)
     if args.target_params is not None or args.target_memory_gb is not None:
         return _search(args)
