@@ -4,6 +4,7 @@ validation hand-given sizes get, and the search against a brute-force enumeratio
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
@@ -454,3 +455,21 @@ def test_cli_save_is_required_without_dry_run(ckpt, capsys):
     rc = main(["prune", "--load", str(ckpt / "tp2"), "--hidden-size-remain", "32", "--check-only"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "error: the following arguments are required: --save (see --help)", err
+
+
+def test_pruning_run_warns_once_about_a_hand_given_width(ckpt):
+    """The real run (one process at TP=1, as torchrun's rank 0 would) prints the width warning once, and prunes."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_prune.checkpoint.convert_files import hf_to_megatron
+
+    hf_to_megatron(ckpt / "hf", ckpt / "tp1", tp=1, progress=False)
+    res = subprocess.run([sys.executable, "-m", "megatron_prune", "prune", "--load", str(ckpt / "tp1"), "--save",
+                          str(ckpt / "tp1-pruned"), "--ffn-hidden-size-remain", "40", "--no-progress"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if "--width-multiple" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ffn 40 not a multiple of --width-multiple 128"), lines
+    assert json.loads((ckpt / "tp1-pruned" / "megatron_prune.json").read_text())["shape"]["ffn_hidden_size"] == 40
