@@ -74,7 +74,9 @@ def _add_budget_arguments(p) -> None:
                    help="sequences in the KV cache of --target-memory-gb (default 1)")
     b.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
                    help=f"hidden and FFN sizes are multiples of this, or unchanged (default {DEFAULT_WIDTH_MULTIPLE}: "
-                        f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models)")
+                        f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models); "
+                        f"hand-given --hidden-size-remain / --ffn-hidden-size-remain off it get a one-line "
+                        f"warning")
     b.add_argument("--max-depth-drop", type=float, default=d.max_depth_drop,
                    help=f"at most this fraction of the layers dropped (default {d.max_depth_drop})")
     b.add_argument("--max-width-drop", type=float, default=d.max_width_drop,

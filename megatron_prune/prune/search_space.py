@@ -17,6 +17,8 @@ config.shape.inference_memory_bytes (weights + KV cache). Both are linear in the
 hidden, heads), so for each (layers, hidden, heads) the FFN widths that land in the budget windows come from one
 division per bound instead of a scan, and only the best `candidates` are kept (a heap): a 7B-sized space stays
 fast even at multiple 8.
+
+width_warning is the same width rule for hand-given sizes (`prune --hidden-size-remain 480`): a warning, not an error.
 """
 
 from __future__ import annotations
