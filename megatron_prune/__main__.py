@@ -7,11 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
-import re
 import sys
 
-from megatron_prune.cli.common import user_errors
+from megatron_prune.cli.common import name_env_flags, user_errors
 
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -37,10 +35,7 @@ class _Parser(argparse.ArgumentParser):
     missing or bad flag is named with its variable: `--save (or SAVE)`."""
 
     def error(self, message: str):
-        for pair in os.environ.get("MEGATRON_PRUNE_ENV_FLAGS", "").split():
-            flag, _, var = pair.partition("=")
-            message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"{flag} (or {var})", message)
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {name_env_flags(message)} (see --help)\n")
 
 
 def _available() -> dict[str, tuple[str, str]]:

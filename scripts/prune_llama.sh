@@ -23,6 +23,17 @@
 #   --calib-samples               CALIB_SAMPLES               calibration sequences                  [64]
 #   --seed                        SEED                        random plan seed                       [1234]
 #   --plan                        PLAN                        re-apply this prune_plan.json instead of making a plan
+# A budget instead of sizes (searches layers, hidden, heads per group and FFN):
+#   --target-params               TARGET_PARAMS               parameters to keep: 64047840, 6.4e7 or 50%   []
+#   --target-memory-gb            TARGET_MEMORY_GB            GiB (2^30 bytes) of bf16 weights + KV cache  []
+#   --memory-seq-length           MEMORY_SEQ_LENGTH           KV cache tokens per sequence  [max_position_embeddings]
+#   --memory-batch-size           MEMORY_BATCH_SIZE           KV cache sequences                     [1]
+#   --width-multiple              WIDTH_MULTIPLE              hidden / FFN widths are multiples of this [128]
+#   --max-depth-drop              MAX_DEPTH_DROP              at most this fraction of layers dropped [0.5]
+#   --max-width-drop              MAX_WIDTH_DROP              at most this fraction of each width removed [0.5]
+#   --search-candidates           SEARCH_CANDIDATES           candidate shapes to keep               [8]
+#   --[no-]dry-run                DRY_RUN=1|0                 list the candidates and stop: one process, no
+#                                                             torchrun, nothing written (--save not needed) [0]
 #                                 PYTHON                      Python interpreter [the repository's .venv, else python3]
 #
 # Example (the seed's 7B -> 3.4B shape):
@@ -31,6 +42,9 @@
 # or the same with variables:
 #   LOAD=ckpt/llama2-7b-tp8 SAVE=ckpt/pruned TP=8 HIDDEN_SIZE_REMAIN=3072 NUM_ATTENTION_HEADS_REMAIN=24 \
 #   FFN_HIDDEN_SIZE_REMAIN=8192 DROP_LAYERS=7,13,18,24 bash scripts/prune_llama.sh
+# The shapes of half the parameters that also fit 8 GiB with a 4096-token KV cache:
+#   bash scripts/prune_llama.sh --load ckpt/llama2-7b-tp8 --target-params 50% --target-memory-gb 8 \
+#     --memory-seq-length 4096 --dry-run      (or LOAD=... TARGET_PARAMS=50% ... DRY_RUN=1 bash scripts/prune_llama.sh)
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
 mp_help "$0" "-m megatron_prune prune" "$@"
@@ -49,7 +63,20 @@ mp_flag --calib-data CALIB_DATA
 mp_flag --calib-samples CALIB_SAMPLES
 mp_flag --seed SEED
 mp_flag --plan PLAN
+mp_flag --target-params TARGET_PARAMS
+mp_flag --target-memory-gb TARGET_MEMORY_GB
+mp_flag --memory-seq-length MEMORY_SEQ_LENGTH
+mp_flag --memory-batch-size MEMORY_BATCH_SIZE
+mp_flag --width-multiple WIDTH_MULTIPLE
+mp_flag --max-depth-drop MAX_DEPTH_DROP
+mp_flag --max-width-drop MAX_WIDTH_DROP
+mp_flag --search-candidates SEARCH_CANDIDATES
+mp_switch dry-run DRY_RUN
 
+# --dry-run lists a budget's candidate shapes in this one process (it reads no tensors): no torchrun.
+if [[ $(mp_on dry-run ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@") == 1 ]]; then
+  exec "$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"
+fi
 # Every user error (a missing --load, a wrong --tp, a bad size) is caught here, in one process, before torchrun
 # starts TP workers.
 "$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@" --check-only

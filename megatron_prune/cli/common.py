@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import re
 import sys
 from typing import Callable
 
@@ -26,6 +28,15 @@ def user_error_message(e: BaseException) -> str | None:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e}"
     return None
+
+
+def name_env_flags(message: str) -> str:
+    """Name each flag in `message` with the variable that sets it: the shell entry points (scripts/lib/env.sh)
+    export MEGATRON_PRUNE_ENV_FLAGS="--save=SAVE ...", so `--save` reads `--save (or SAVE)`."""
+    for pair in os.environ.get("MEGATRON_PRUNE_ENV_FLAGS", "").split():
+        flag, _, var = pair.partition("=")
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"{flag} (or {var})", message)
+    return message
 
 
 def user_errors(run: Callable[..., int]) -> Callable[..., int]:

@@ -7,6 +7,7 @@ Layer ids are 0-based, as in HF's model.layers.N.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -16,7 +17,8 @@ from megatron_prune.errors import InputError
 
 def add_arguments(p) -> None:
     p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
-    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--save", default=None,
+                   help="output directory (must not exist or be empty); required except with --dry-run")
     p.add_argument("--tp", type=int, default=None,
                    help="the checkpoint's TP size = the number of processes; checked against --load (default: "
                         "--load's)")
@@ -60,13 +62,24 @@ def _add_budget_arguments(p) -> None:
     from megatron_prune.prune.search_space import DEFAULT_WIDTH_MULTIPLE, SearchLimits
 
     d = SearchLimits()
-    b = p.add_argument_group("parameter budget: search the sizes instead of giving them")
+    b = p.add_argument_group("budget: search the sizes instead of giving them")
     b.add_argument("--target-params", default=None,
                    help="parameters to keep: a count (64047840, 6.4e7) or a share of the source's (50%%); "
                         "searches layers, hidden, heads per group and FFN for shapes within 95-100%% of it")
+    b.add_argument("--target-memory-gb", default=None,
+                   help="inference memory in GiB (2^30 bytes): bf16 weights + the KV cache of --memory-batch-size x "
+                        "--memory-seq-length tokens. Alone: shapes within 95-100%% of it; with --target-params: "
+                        "95-100%% of the parameters and at most this memory")
+    b.add_argument("--memory-seq-length", type=int, default=None,
+                   help="tokens per sequence in the KV cache of --target-memory-gb (default: the model's "
+                        "max_position_embeddings, the longest context it serves)")
+    b.add_argument("--memory-batch-size", type=int, default=1,
+                   help="sequences in the KV cache of --target-memory-gb (default 1)")
     b.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
                    help=f"hidden and FFN sizes are multiples of this, or unchanged (default {DEFAULT_WIDTH_MULTIPLE}: "
-                        f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models)")
+                        f"group-quantized W4A16/W8A16 need columns %% 128 == 0; use e.g. 8 for tiny models); "
+                        f"hand-given --hidden-size-remain / --ffn-hidden-size-remain off it get a one-line "
+                        f"warning")
     b.add_argument("--max-depth-drop", type=float, default=d.max_depth_drop,
                    help=f"at most this fraction of the layers dropped (default {d.max_depth_drop})")
     b.add_argument("--max-width-drop", type=float, default=d.max_width_drop,
@@ -81,29 +94,31 @@ def _add_budget_arguments(p) -> None:
                    help="distil each candidate this many steps from the unpruned model before measuring its "
                         "loss (slower, ranks by recoverability; default 0)")
     b.add_argument("--search-kd-lr", type=float, default=1e-4, help="AdamW learning rate of those steps (1e-4)")
-    b.add_argument("--dry-run", action="store_true",
-                   help="with --target-params: print the candidate table and stop (one process, nothing written)")
+    b.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                   help="with a budget: print the candidate table and stop (one process, nothing written)")
 
 
 def build_config(args):
     from megatron_prune.prune.run import CalibConfig, PruneConfig
-    from megatron_prune.prune.select import PruneTarget, layer_ids
-
     from megatron_prune.prune.search_run import SearchConfig
+    from megatron_prune.prune.select import PruneTarget, layer_ids
 
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
              args.ffn_hidden_size_remain, args.num_layers_remain, args.drop_layers)
     if args.plan and any(v is not None for v in sizes):
         raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
-    if args.target_params is not None and (args.plan or any(v is not None for v in sizes)):
-        raise InputError("--target-params searches the sizes: do not also give sizes, --drop-layers or --plan")
-    if args.target_params is not None and args.prune_type == "global":
-        raise InputError("--target-params searches balance-mode shapes (equal shards): drop --prune-type global")
+    budget = args.target_params is not None or args.target_memory_gb is not None
+    if budget and (args.plan or any(v is not None for v in sizes)):
+        raise InputError("a budget (--target-params / --target-memory-gb) searches the sizes: do not also give "
+                         "sizes, --drop-layers or --plan")
+    if budget and args.prune_type == "global":
+        raise InputError("a budget searches balance-mode shapes (equal shards): drop --prune-type global")
     target = search = None
-    if args.target_params is not None:
-        search = SearchConfig(target_params=args.target_params, limits=_limits(args),
-                              eval_samples=args.search_eval_samples, kd_iters=args.search_kd_iters,
-                              kd_lr=args.search_kd_lr)
+    if budget:
+        search = SearchConfig(target_params=args.target_params, target_memory_gb=args.target_memory_gb,
+                              memory_seq_length=args.memory_seq_length, memory_batch_size=args.memory_batch_size,
+                              limits=_limits(args), eval_samples=args.search_eval_samples,
+                              kd_iters=args.search_kd_iters, kd_lr=args.search_kd_lr)
     elif not args.plan:
         target = PruneTarget(hidden_size=args.hidden_size_remain, num_attention_heads=args.num_attention_heads_remain,
                              num_query_groups=args.num_query_groups_remain,
@@ -137,17 +152,39 @@ def run(args) -> int:
 
 
 def _search(args) -> int:
-    """--target-params --dry-run: the candidate shapes as a table; no processes, nothing written."""
-    from megatron_prune.prune.run import search_shapes
+    """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
+    number of candidates. No processes, nothing written."""
+    from megatron_prune.prune.run import check, search_shapes
     from megatron_prune.prune.search_space import format_table
 
-    build_config(args)  # the same argument checks as a real run
-    limits = _limits(args)
-    meta, budget, cands = search_shapes(args.load, args.target_params, limits)
-    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget:,} params: "
-          f"{len(cands)} candidate shapes (balance mode, width multiple {limits.width_multiple})")
+    cfg = build_config(args)  # the same argument checks as a real run
+    if args.check_only:  # everything a run checks (output, calibration data), then the count
+        prep = check(cfg)
+        print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
+              f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
+              f"{cfg.search.limits.width_multiple})")
+        return 0
+    meta, budget, cands = search_shapes(args.load, cfg.search.target_params, cfg.search.limits,
+                                        memory_gb=cfg.search.target_memory_gb, seq_length=cfg.search.memory_seq_length,
+                                        batch_size=cfg.search.memory_batch_size)
+    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget.describe()}: "
+          f"{len(cands)} candidate shapes (balance mode, width multiple {cfg.search.limits.width_multiple})")
     print(format_table(cands))
     return 0
+
+
+def _check_memory_flags(args) -> None:
+    if args.target_memory_gb is None and (args.memory_seq_length is not None or args.memory_batch_size != 1):
+        raise InputError("--memory-seq-length / --memory-batch-size size the KV cache of --target-memory-gb: "
+                         "give --target-memory-gb too")
+
+
+def _width_warning(cfg, width_multiple: int) -> str | None:
+    """Hand-given widths off the --width-multiple grid: one warning line (rank 0 / --check-only)."""
+    from megatron_prune.prune.search_space import width_warning
+
+    t = cfg.target
+    return width_warning(width_multiple, hidden=t.hidden_size, ffn=t.ffn_hidden_size) if t is not None else None
 
 
 def _run(args, rank0: bool) -> int:
@@ -159,24 +196,30 @@ def _run(args, rank0: bool) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import prune_checkpoint
 
-    if args.target_params is not None and args.dry_run:
+    if args.save is None and not args.dry_run:  # --dry-run writes nothing; argparse cannot say "unless"
+        from megatron_prune.cli.common import name_env_flags
+
+        raise InputError(name_env_flags("the following arguments are required: --save") + " (see --help)")
+    _check_memory_flags(args)
+    if (args.target_params is not None or args.target_memory_gb is not None) and (args.dry_run or args.check_only):
         return _search(args)
     if args.dry_run:
-        raise InputError("--dry-run goes with --target-params (for given sizes use --check-only)")
+        raise InputError("--dry-run goes with --target-params / --target-memory-gb (for given sizes use "
+                         "--check-only)")
     if args.check_only:  # one process, no process group
-        return _check_only(build_config(args), args.tp)
+        return _check_only(build_config(args), args.tp, args.width_multiple)
     init_process_group()
     cfg = agree(build_config, args)
     with contextlib.ExitStack() as locks:
         agree(hold_output_lock, locks, cfg.save)
         result = prune_checkpoint(cfg)
     if rank0:
-        warning = hf_config_warning(result.meta.shape)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (hf_config_warning(result.meta.shape), _width_warning(cfg, args.width_multiple)):
+            if warning:
+                print(warning, file=sys.stderr)
         gib = max(result.peak_rss) / 2**30
         if result.search:
-            print(f"budget {result.search.budget:,} params: {len(result.search.candidates)} candidates, held-out "
+            print(f"budget {result.search.budget.describe()}: {len(result.search.candidates)} candidates, held-out "
                   f"loss ({result.search.held_out['tokens']} tokens) after pruning"
                   + (f" and {result.search.kd_iters} distillation steps" if result.search.kd_iters else ""))
             print(result.search.table())
@@ -191,7 +234,7 @@ def _run(args, rank0: bool) -> int:
     return 0
 
 
-def _check_only(cfg, tp: int | None) -> int:
+def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import check
 
@@ -200,7 +243,7 @@ def _check_only(cfg, tp: int | None) -> int:
         raise InputError(f"--tp {tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
                          f"process per TP rank of its input (reshard it first to change TP)")
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
-    warning = hf_config_warning(prep.target)
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):
+        if warning:
+            print(warning, file=sys.stderr)
     return 0

@@ -48,6 +48,17 @@ def count_params(num_layers: int, hidden_size: int, ffn_hidden_size: int, num_at
     return num_layers * layer + emb + h               # + final norm
 
 
+def inference_memory_bytes(shape: Any, seq_length: int, batch_size: int = 1, dtype: str = "bf16") -> int:
+    """Bytes to serve `shape` (a LlamaShape, or anything with the PARAM_FIELDS attributes): its weights plus the
+    KV cache of `batch_size` sequences of `seq_length` tokens, all in `dtype`. The one memory formula (the budget
+    search's --target-memory-gb). Activations, framework overhead and Megatron's vocabulary padding are left out:
+    they depend on the serving stack, and the weights + KV cache are what pruning changes."""
+    nbytes = DTYPE_BYTES[canonical_dtype(dtype)]
+    params = count_params(**{f: getattr(shape, f) for f in PARAM_FIELDS})
+    kv = 2 * shape.num_layers * shape.num_query_groups * shape.kv_channels * seq_length * batch_size  # k and v
+    return nbytes * (params + kv)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """LLaMA-3.1 style (`rope_type: llama3`) frequency scaling."""

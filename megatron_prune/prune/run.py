@@ -1,7 +1,7 @@
 """The distributed pruner: one process per TP rank (torchrun), PP=1.
 
     check(cfg)             every user error, in one process, before any work (the CLI's --check-only)
-    search_shapes(...)     `--target-params`: candidate shapes for a parameter budget, in one process
+    search_shapes(...)     `--target-params` / `--target-memory-gb`: candidate shapes for a budget, in one process
     prune_checkpoint(cfg)  on every rank: load the shard (mmap), make or read the plan, check that every rank
                            holds the same plan, apply it, write (each rank its file into a temp dir, barrier,
                            rank 0 writes plan + meta + tracker last and renames)
@@ -35,7 +35,7 @@ from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
 from megatron_prune.prune.plan import METHODS, PlanError, PrunePlan
 from megatron_prune.prune.scoring import MODEL_METHODS
 from megatron_prune.prune.search_run import SEARCH_FILE, SearchConfig, SearchReport
-from megatron_prune.prune.search_space import BudgetError, Candidate, SearchLimits, parse_budget, search
+from megatron_prune.prune.search_space import Budget, BudgetError, Candidate, SearchLimits, make_budget, search
 from megatron_prune.prune.select import PruneTarget
 
 PLAN_FILE = "prune_plan.json"
@@ -91,7 +91,7 @@ class Prepared:
     target: LlamaShape
     plan: PrunePlan | None
     candidates: tuple[Candidate, ...] = ()   # the budget search's shapes (cfg.search)
-    budget: int | None = None
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,13 @@ def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
     return meta, iteration
 
 
-def search_shapes(load: str | Path, target_params: str, limits: SearchLimits
-                  ) -> tuple[mio.CheckpointMeta, int, list[Candidate]]:
-    """(meta, budget, candidate shapes) for `--target-params`, single process, no tensors read."""
+def search_shapes(load: str | Path, target_params: str | None, limits: SearchLimits, *,
+                  memory_gb: str | None = None, seq_length: int | None = None, batch_size: int = 1
+                  ) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
+    """(meta, budget, candidate shapes) for `--target-params` and/or `--target-memory-gb` (seq_length: the KV
+    cache's, default the model's max_position_embeddings), single process, no tensors read."""
     meta, _ = check_input(load)
-    budget = parse_budget(target_params, meta.shape.num_params())
+    budget = make_budget(meta.shape, target_params, memory_gb, seq_length, batch_size)
     try:
         return meta, budget, search(meta.shape, meta.tp, budget, limits)
     except BudgetError as e:
@@ -140,8 +142,10 @@ def check(cfg: PruneConfig) -> Prepared:
         plan.check_tp(meta.tp, cfg.mode)
         target = target_shape(plan, meta.shape)
     elif cfg.search:
-        _, budget, found = search_shapes(load, cfg.search.target_params, cfg.search.limits)
-        candidates, target = tuple(found), found[0].shape  # the largest: enough free space for any
+        sc = cfg.search
+        _, budget, found = search_shapes(load, sc.target_params, sc.limits, memory_gb=sc.target_memory_gb,
+                                         seq_length=sc.memory_seq_length, batch_size=sc.memory_batch_size)
+        candidates, target = tuple(found), max(found, key=lambda c: c.params).shape  # free space for any
         check_search_importance(cfg.importance, meta.shape, candidates)
         _calib_source(cfg)
     else:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megatron_prune.errors import InputError
 from megatron_prune.prune.plan import PrunePlan
-from megatron_prune.prune.search_space import Candidate, SearchLimits
+from megatron_prune.prune.search_space import Budget, Candidate, SearchLimits
 from megatron_prune.prune.select import PruneTarget, Scores
 
 SEARCH_FILE = "prune_search.json"
@@ -34,7 +34,10 @@ SEARCH_FILE = "prune_search.json"
 
 @dataclass(frozen=True)
 class SearchConfig:
-    target_params: str
+    target_params: str | None            # a count or a percentage (search_space.make_budget), and/or
+    target_memory_gb: str | None = None  # GiB of bf16 weights + KV cache of memory_batch_size x memory_seq_length
+    memory_seq_length: int | None = None  # None: the model's max_position_embeddings
+    memory_batch_size: int = 1
     limits: SearchLimits = field(default_factory=SearchLimits)
     eval_samples: int = 16   # held-out calibration windows that rank the candidates
     kd_iters: int = 0        # distillation steps per candidate before it is evaluated
@@ -51,7 +54,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class SearchReport:
-    budget: int
+    budget: Budget
     candidates: tuple[Candidate, ...]
     losses: tuple[float, ...]          # what ranks them: held-out loss (after the distillation steps, if any)
     chosen: int
@@ -66,7 +69,7 @@ class SearchReport:
                  for c, loss in zip(self.candidates, self.losses)]
         for c, loss in zip(cands, self.pruned_losses):
             c["loss_after_pruning"] = loss
-        return {"budget": self.budget, "method": self.method, "held_out": self.held_out, "kd_iters": self.kd_iters,
+        return {"budget": self.budget.to_json(), "method": self.method, "held_out": self.held_out, "kd_iters": self.kd_iters,
                 "seconds": self.seconds, "chosen": self.chosen, "candidates": cands}
 
     def table(self) -> str:
@@ -176,7 +179,7 @@ def evaluate_candidates(model, meta, plans: list[PrunePlan], held_out: torch.Ten
     return losses, before, seconds
 
 
-def search_plan(cfg, meta, candidates: list[Candidate], budget: int) -> tuple[PrunePlan, SearchReport]:
+def search_plan(cfg, meta, candidates: list[Candidate], budget: Budget) -> tuple[PrunePlan, SearchReport]:
     """The best candidate's plan and the report, the same on every rank (cfg: run.PruneConfig with .search)."""
     from megatron_prune.prune.importance import magnitude_scores
     from megatron_prune.prune.run import calibration_windows, windows_fingerprint

@@ -1,5 +1,6 @@
-"""The budget search space: pruned shapes of a source model whose parameter count is within 95-100% of a budget.
-Pure: no I/O, no processes. Which candidate recovers best (scoring) is not decided here.
+"""The budget search space: pruned shapes of a source model that meet a budget (Budget): a parameter count
+(95-100% of it), an inference memory size in bytes (95-100% of it), or both (95-100% of the parameters and at most
+the memory). Pure: no I/O, no processes. Which candidate recovers best (scoring) is not decided here.
 
 Axes: num_layers, hidden_size, heads per query group and ffn_hidden_size. A GQA model keeps its query groups and
 loses heads inside them; an MHA model stays MHA (heads = groups), as a hand-given `--num-attention-heads-remain`
@@ -11,9 +12,13 @@ does (select.PruneTarget). Every candidate is
 - within the limits: at most `max_depth_drop` of the layers and `max_width_drop` of each width (hidden, heads
   per group or MHA heads, FFN) removed.
 
-The parameter count is config.shape.count_params, LlamaShape's own formula. It is linear in the FFN width, so for
-each (layers, hidden, heads) the FFN widths that land in the budget window come from one division instead of
-a scan, and only the best `candidates` are kept (a heap): a 7B-sized space stays fast even at multiple 8.
+The parameter count is config.shape.count_params, LlamaShape's own formula; memory is
+config.shape.inference_memory_bytes (weights + KV cache). Both are linear in the FFN width for fixed (layers,
+hidden, heads), so for each (layers, hidden, heads) the FFN widths that land in the budget windows come from one
+division per bound instead of a scan, and only the best `candidates` are kept (a heap): a 7B-sized space stays
+fast even at multiple 8.
+
+width_warning is the same width rule for hand-given sizes (`prune --hidden-size-remain 480`): a warning, not an error.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import heapq
 import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-from megatron_prune.config.shape import PARAM_FIELDS, LlamaShape, ShapeError, count_params
+from megatron_prune.config.shape import (PARAM_FIELDS, LlamaShape, ShapeError, canonical_dtype, count_params,
+                                         inference_memory_bytes)
 from megatron_prune.errors import UserError
 from megatron_prune.prune.apply_hf import hf_config_warning
 from megatron_prune.prune.plan import PlanError
@@ -33,11 +40,14 @@ from megatron_prune.prune.select import PruneTarget
 # quantized linear's input columns % 128 == 0: hidden (q/k/v/gate/up) and FFN (down); tensor-core GEMM tiles
 # also want multiples of 64/128. Models with hidden < ~1024 (tests, toys) need a smaller --width-multiple.
 DEFAULT_WIDTH_MULTIPLE = 128
-WINDOW = 0.95  # candidates keep between WINDOW * budget and budget parameters
+WINDOW = 0.95  # candidates keep between WINDOW * budget and budget parameters (or bytes)
+GIB = 2**30    # --target-memory-gb is in GiB
+QUANT_REASON = ("group-quantized W4A16/W8A16 (group size 128, e.g. llmcompressor) need every quantized linear's "
+                "input columns % 128 == 0, and tensor-core GEMM tiles want multiples of 64/128")
 
 
 class BudgetError(UserError, ValueError):
-    """A parameter budget that cannot be parsed or met (a ValueError too, like the other domain errors)."""
+    """A parameter or memory budget that cannot be parsed or met (a ValueError too, like the other domain errors)."""
 
 
 @dataclass(frozen=True)
@@ -58,14 +68,60 @@ class SearchLimits:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What a candidate must meet. `params` alone: 95-100% of it. `memory` (bytes) alone: 95-100% of it. Both:
+    95-100% of `params` and at most `memory` (the memory is then a ceiling, the parameters the target).
+    Memory is config.shape.inference_memory_bytes: weights + the KV cache of `batch_size` x `seq_length` tokens."""
+    params: int | None = None
+    memory: int | None = None
+    seq_length: int = 4096
+    batch_size: int = 1
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.params is None and self.memory is None:
+            raise BudgetError("give --target-params and/or --target-memory-gb")
+        for name in ("params", "memory"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BudgetError(f"the {name} budget must be positive, got {getattr(self, name)}")
+        for name, flag in (("seq_length", "--memory-seq-length"), ("batch_size", "--memory-batch-size")):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise BudgetError(f"{flag} must be a positive integer, got {getattr(self, name)!r}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+
+    def memory_of(self, shape) -> int:
+        return inference_memory_bytes(shape, self.seq_length, self.batch_size, self.dtype)
+
+    def memory_basis(self) -> str:
+        return f"{self.dtype} weights + KV cache of {self.batch_size} x {self.seq_length} tokens"
+
+    def describe(self) -> str:
+        parts = [f"{self.params:,} params"] if self.params is not None else []
+        if self.memory is not None:
+            kind = "at most " if self.params is not None else ""
+            parts.append(f"{kind}{self.memory / GIB:.4g} GiB ({self.memory_basis()})")
+        return " and ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"params": self.params, "memory_bytes": self.memory, "memory_seq_length": self.seq_length,
+                "memory_batch_size": self.batch_size, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
 class Candidate:
     shape: LlamaShape
     params: int
-    budget: int
+    budget: Budget       # an int is read as Budget(params=int)
+    memory: int | None = None  # bytes, when the budget has a memory part
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, int):
+            object.__setattr__(self, "budget", Budget(params=self.budget))
 
     @property
     def fraction(self) -> float:
-        return self.params / self.budget
+        """Of the budget that ranks: the parameters, or the memory when only memory is given."""
+        return self.params / self.budget.params if self.budget.params else self.memory / self.budget.memory
 
     def line(self) -> str:
         s = self.shape
@@ -88,6 +144,46 @@ def parse_budget(text: str | int, source_params: int) -> int:
         raise BudgetError(f"--target-params {raw} = {budget:,} exceeds the source model's {source_params:,} "
                           f"parameters: pruning only removes")
     return budget
+
+
+def parse_memory_gb(text: str | float) -> int:
+    """'0.25' (GiB, 2^30 bytes) -> bytes."""
+    raw = str(text).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BudgetError(f"--target-memory-gb {raw!r}: expected a size in GiB (2^30 bytes), e.g. 0.25") from None
+    if not math.isfinite(value) or round(value * GIB) < 1:
+        raise BudgetError(f"--target-memory-gb {raw!r} is not a positive size in GiB")
+    return round(value * GIB)
+
+
+def make_budget(src: LlamaShape, target_params: str | int | None = None, target_memory_gb: str | float | None = None,
+                seq_length: int | None = None, batch_size: int = 1) -> Budget:
+    """The Budget of the CLI's flags. The KV cache's sequence length defaults to the source's
+    max_position_embeddings: the longest context the checkpoint says it serves, so a model inside the budget fits
+    at every length it supports (give --memory-seq-length for a shorter serving context)."""
+    if target_params is None and target_memory_gb is None:
+        raise BudgetError("give --target-params and/or --target-memory-gb")
+    budget = Budget(params=None if target_params is None else parse_budget(target_params, src.num_params()),
+                    memory=None if target_memory_gb is None else parse_memory_gb(target_memory_gb),
+                    seq_length=src.max_position_embeddings if seq_length is None else seq_length,
+                    batch_size=batch_size)
+    if budget.params is None and budget.memory > budget.memory_of(src):
+        raise BudgetError(f"--target-memory-gb {target_memory_gb} exceeds the source model's "
+                          f"{budget.memory_of(src) / GIB:.4g} GiB ({budget.memory_basis()}): "
+                          f"pruning only removes")
+    return budget
+
+
+def width_warning(multiple: int, **widths: int | None) -> str | None:
+    """One warning line for hand-given widths (hidden=..., ffn=...) that are not multiples of `multiple`, or None.
+    Not an error: the shape is valid and trains; it only cannot be group-quantized or tiled well."""
+    bad = [f"{name} {w}" for name, w in widths.items() if w is not None and w % multiple]
+    if not bad:
+        return None
+    return (f"warning: {' and '.join(bad)} not a multiple of --width-multiple {multiple}: {QUANT_REASON}; round "
+            f"the width, or set --width-multiple to silence this")
 
 
 # ----------------------------------------------------------------------------- axes
@@ -119,58 +215,117 @@ def _hf_loadable(src: LlamaShape, hidden: int, heads: int, groups: int) -> bool:
 Key = tuple[int, int, int, int, int]  # (layers, hidden, heads, groups, ffn)
 
 
-def _params(src: LlamaShape, key: Key) -> int:
+def _fields(src: LlamaShape, key: Key) -> SimpleNamespace:
+    """The PARAM_FIELDS of `key` on top of the source's, without LlamaShape's validation (called per grid point)."""
     layers, hidden, heads, groups, ffn = key
     fields = {f: getattr(src, f) for f in PARAM_FIELDS}
     fields.update(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
                   ffn_hidden_size=ffn)
-    return count_params(**fields)
+    return SimpleNamespace(**fields)
+
+
+def _params(src: LlamaShape, key: Key) -> int:
+    return count_params(**vars(_fields(src, key)))
+
+
+class _Line:
+    """value(layers, ffn) = fixed + layers * (per_layer + ffn * per_ffn) for fixed (hidden, heads): parameters and
+    memory both have this form, so three evaluations of the one formula give the coefficients."""
+
+    def __init__(self, value, hidden: int, heads: int, groups: int):
+        self.fixed = value((0, hidden, heads, groups, 0))                                 # embeddings, final norm
+        self.per_layer = value((1, hidden, heads, groups, 0)) - self.fixed                # a layer without FFN
+        self.per_ffn = value((1, hidden, heads, groups, 1)) - self.fixed - self.per_layer  # one FFN channel
+
+    def at(self, layers: int) -> tuple[int, int]:
+        """(base, slope): value = base + slope * ffn at this depth."""
+        return self.fixed + layers * self.per_layer, layers * self.per_ffn
 
 
 class _Best:
-    """The k best (params, key) by closeness to the budget from below; ties: deeper, then wider first."""
+    """The k best (value, key) by closeness to the target from below; ties: deeper, then wider first."""
 
-    def __init__(self, budget: int, k: int):
-        self.budget, self.k, self.heap = budget, k, []  # heap of negated sort keys: heap[0] is the worst kept
+    def __init__(self, target: int, k: int):
+        self.target, self.k, self.heap = target, k, []  # heap of negated sort keys: heap[0] is the worst kept
 
-    def add(self, params: int, key: Key) -> None:
-        item = (params - self.budget, *key)  # = the sort key (budget - params, -layers, ...) negated
+    def add(self, value: int, key: Key) -> None:
+        item = (value - self.target, *key)  # = the sort key (target - value, -layers, ...) negated
         if len(self.heap) < self.k:
             heapq.heappush(self.heap, item)
         elif item > self.heap[0]:
             heapq.heapreplace(self.heap, item)
 
-    def sorted(self) -> list[tuple[int, Key]]:
-        return [(self.budget + d, tuple(key)) for d, *key in sorted(self.heap, reverse=True)]
+    def keys(self) -> list[Key]:
+        return [tuple(key) for _, *key in sorted(self.heap, reverse=True)]
 
 
-def _enumerate(src: LlamaShape, tp: int, budget: int, limits: SearchLimits
-               ) -> tuple[list[tuple[int, Key]], tuple[int, Key] | None]:
-    """(params, key) of the best grid shapes inside the window, and the grid shape closest to the budget overall.
+def _window(lo: int | None, hi: int | None, base: int, slope: int) -> tuple[float, float]:
+    """FFN widths f (reals, rounded inward) with lo <= base + slope * f <= hi; a None bound is open."""
+    f_lo = -((base - lo) // slope) if lo is not None else -math.inf  # ceil
+    f_hi = (hi - base) // slope if hi is not None else math.inf       # floor
+    return f_lo, f_hi
 
-    count_params is a + layers * (b + ffn * c) for fixed (hidden, heads): three calls per pair give a, b, c, and
-    the FFN widths inside the window for each depth follow from one division."""
-    lo = -(-budget * round(WINDOW * 100) // 100)  # ceil(0.95 * budget), in integers
+
+class _Closest:
+    """The grid shape nearest the budget when none meets it: the sum of relative distances to the parameter
+    target, to the memory target (memory alone) or above the memory ceiling (with parameters). Convex in the FFN
+    width, so only the grid neighbours of the points where each term bends need to be looked at."""
+
+    def __init__(self, budget: Budget):
+        self.budget, self.best = budget, None  # (distance, key)
+
+    def distance(self, p: int, m: int) -> float:
+        b, d = self.budget, 0.0
+        if b.params is not None:
+            d += abs(p - b.params) / b.params
+        if b.memory is not None:
+            d += (abs(m - b.memory) if b.params is None else max(0, m - b.memory)) / b.memory
+        return d
+
+    def add(self, ffns: list[int], key: Key, pline: tuple[int, int], mline: tuple[int, int] | None) -> None:
+        bends = [(self.budget.params - pline[0]) / pline[1]] if self.budget.params is not None else []
+        if mline is not None:
+            bends.append((self.budget.memory - mline[0]) / mline[1])
+        for x in bends:
+            i = bisect_right(ffns, x)
+            for f in ffns[max(i - 1, 0):i + 1]:
+                m = mline[0] + mline[1] * f if mline else 0
+                d = self.distance(pline[0] + pline[1] * f, m)
+                if self.best is None or d < self.best[0]:
+                    self.best = (d, (*key[:4], f))
+
+
+def _enumerate(src: LlamaShape, tp: int, budget: Budget, limits: SearchLimits) -> tuple[list[Key], Key | None]:
+    """Keys of the best grid shapes inside the budget, and the grid shape closest to the budget overall.
+    Ranked by parameters when a parameter budget is given, else by memory."""
+    def lower(n: int) -> int:
+        return -(-n * round(WINDOW * 100) // 100)  # ceil(0.95 * n), in integers
+
+    p_lo, p_hi = (lower(budget.params), budget.params) if budget.params is not None else (None, None)
+    m_hi = budget.memory
+    m_lo = lower(budget.memory) if budget.memory is not None and budget.params is None else None
     ffns = _widths(src.ffn_hidden_size, limits.width_multiple, limits.max_width_drop, divisor=tp)
-    best, closest = _Best(budget, limits.candidates), None
+    best = _Best(budget.params if budget.params is not None else budget.memory, limits.candidates)
+    closest = _Closest(budget)
     for hidden in _widths(src.hidden_size, limits.width_multiple, limits.max_width_drop):
         for heads, groups in _attention(src, tp, limits.max_width_drop):
             if not _hf_loadable(src, hidden, heads, groups):
                 continue
-            fixed = _params(src, (0, hidden, heads, groups, 0))                  # embeddings, final norm
-            per_layer = _params(src, (1, hidden, heads, groups, 0)) - fixed       # a layer without FFN
-            per_ffn = _params(src, (1, hidden, heads, groups, 1)) - fixed - per_layer  # one FFN channel
+            pl = _Line(lambda k: _params(src, k), hidden, heads, groups)
+            ml = _Line(lambda k: budget.memory_of(_fields(src, k)), hidden, heads, groups) if m_hi else None
             for layers in _kept_range(src.num_layers, limits.max_depth_drop):
-                base, slope = fixed + layers * per_layer, layers * per_ffn
-                f_lo, f_hi = -((base - lo) // slope), (budget - base) // slope  # ceil / floor
-                i0, i1 = bisect_left(ffns, f_lo), bisect_right(ffns, f_hi)
+                key = (layers, hidden, heads, groups, 0)
+                pline, mline = pl.at(layers), ml.at(layers) if ml else None
+                lo, hi = _window(p_lo, p_hi, *pline)
+                if mline:
+                    m_f = _window(m_lo, m_hi, *mline)
+                    lo, hi = max(lo, m_f[0]), min(hi, m_f[1])
+                rank = pline if budget.params is not None else mline
+                i0, i1 = bisect_left(ffns, lo), bisect_right(ffns, hi)
                 for f in ffns[max(i0, i1 - limits.candidates):i1]:  # the largest fit best
-                    best.add(base + slope * f, (layers, hidden, heads, groups, f))
-                for f in ffns[max(i1 - 1, 0):i1 + 1]:  # the neighbours of the budget line
-                    p = base + slope * f
-                    if closest is None or abs(p - budget) < abs(closest[0] - budget):
-                        closest = (p, (layers, hidden, heads, groups, f))
-    return best.sorted(), closest
+                    best.add(rank[0] + rank[1] * f, (*key[:4], f))
+                closest.add(ffns, key, pline, mline)
+    return best.keys(), closest.best[1] if closest.best else None
 
 
 def validate(src: LlamaShape, tp: int, key: Key) -> LlamaShape:
@@ -185,33 +340,55 @@ def validate(src: LlamaShape, tp: int, key: Key) -> LlamaShape:
     return target
 
 
-def _candidate(src: LlamaShape, tp: int, budget: int, key: Key) -> Candidate:
+def _candidate(src: LlamaShape, tp: int, budget: Budget, key: Key) -> Candidate:
     """The grid is built to pass validation; a shape that does not is a bug here, not a user error."""
     try:
         shape = validate(src, tp, key)
     except (PlanError, ShapeError) as e:
         raise RuntimeError(f"the search space produced an invalid shape {key}: {e}") from e
-    return Candidate(shape=shape, params=shape.num_params(), budget=budget)
+    memory = budget.memory_of(shape) if budget.memory is not None else None
+    return Candidate(shape=shape, params=shape.num_params(), budget=budget, memory=memory)
 
 
-def search(src: LlamaShape, tp: int, budget: int, limits: SearchLimits = SearchLimits()) -> list[Candidate]:
-    """The `limits.candidates` valid shapes closest to `budget` from below, within 95-100% of it (ties: deeper,
-    then wider first). Raises BudgetError naming the closest shape when none fits."""
+def _describe(c: Candidate) -> str:
+    b, parts = c.budget, [f"{c.params:,} params"]
+    if b.params is not None:
+        parts[0] += f" ({100 * c.params / b.params:.2f}% of the parameter budget)"
+    if b.memory is not None:
+        parts.append(f"{c.memory / GIB:.4g} GiB ({100 * c.memory / b.memory:.2f}% of the memory budget)")
+    return " and ".join(parts)
+
+
+def search(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLimits = SearchLimits()
+           ) -> list[Candidate]:
+    """The `limits.candidates` valid shapes closest to the budget from below (an int: a parameter count): within
+    95-100% of the parameters (or of the memory when only memory is given) and at most the memory; ties: deeper,
+    then wider first. Raises BudgetError naming the closest shape and the budget when none fits."""
+    budget = Budget(params=budget) if isinstance(budget, int) else budget
     inside, closest = _enumerate(src, tp, budget, limits)
     if inside:
-        return [_candidate(src, tp, budget, key) for _, key in inside]
-    near = _candidate(src, tp, budget, closest[1]) if closest else None
-    hint = (f"closest: {near.line()} with {near.params:,} params ({100 * near.fraction:.2f}% of the budget)"
-            if near else "no shape passes the limits at all")
-    raise BudgetError(f"no shape within {100 * WINDOW:.0f}-100% of {budget:,} params at TP {tp} (width multiple "
+        return [_candidate(src, tp, budget, key) for key in inside]
+    near = _candidate(src, tp, budget, closest) if closest else None
+    hint = f"closest: {near.line()} with {_describe(near)}" if near else "no shape passes the limits at all"
+    flags = ", ".join(f for f, given in (("--target-params", budget.params), ("--target-memory-gb", budget.memory),
+                                         ("--memory-seq-length", budget.memory)) if given is not None)
+    raise BudgetError(f"no shape within {100 * WINDOW:.0f}-100% of {budget.describe()} at TP {tp} (width multiple "
                       f"{limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
                       f"{limits.max_width_drop:g} of widths dropped); {hint}; loosen --width-multiple, "
-                      f"--max-width-drop or --max-depth-drop, or change --target-params")
+                      f"--max-width-drop or --max-depth-drop, or change {flags}")
 
 
 def format_table(cands: list[Candidate]) -> str:
-    rows = [("rank", "shape", "params", "% of budget")]
-    rows += [(str(i), c.line(), f"{c.params:,}", f"{100 * c.fraction:.2f}%") for i, c in enumerate(cands, 1)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    """rank, shape, params, % of the parameter budget; memory (GiB) and % of the memory budget when there is one."""
+    b = cands[0].budget if cands else Budget(params=1)
+    head = ["rank", "shape", "params"] + (["% of budget"] if b.params is not None else [])
+    head += ["memory GiB", "% of memory budget"] if b.memory is not None else []
+    rows = [tuple(head)]
+    for i, c in enumerate(cands, 1):
+        row = [str(i), c.line(), f"{c.params:,}"]
+        row += [f"{100 * c.params / b.params:.2f}%"] if b.params is not None else []
+        row += [f"{c.memory / GIB:.4f}", f"{100 * c.memory / b.memory:.2f}%"] if b.memory is not None else []
+        rows.append(tuple(row))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(v.rjust(w) if i != 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
                      for r in rows)

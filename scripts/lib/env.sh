@@ -70,3 +70,14 @@ mp_help() {
     fi
   done
 }
+
+# mp_on NAME ARGS...: print 1 if the last of --NAME / --no-NAME in ARGS is --NAME, else 0 (a switch the script
+# itself acts on, such as prune_llama.sh's --dry-run, set by mp_switch or on the command line).
+mp_on() {
+  local name=$1 value=0
+  shift
+  for arg in "$@"; do
+    if [[ "$arg" == "--$name" ]]; then value=1; elif [[ "$arg" == "--no-$name" ]]; then value=0; fi
+  done
+  printf '%s' "$value"
+}

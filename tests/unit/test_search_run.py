@@ -10,7 +10,7 @@ import torch
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.errors import UserError
 from megatron_prune.prune.search_run import SearchConfig, SearchReport, split_windows
-from megatron_prune.prune.search_space import Candidate
+from megatron_prune.prune.search_space import Budget, Candidate
 
 SRC = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
                  kv_channels=16, vocab_size=512)
@@ -38,14 +38,14 @@ def test_search_config_refuses_bad_values(bad):
 def report(kd: bool = False) -> SearchReport:
     shapes = [SRC.replace(num_layers=3), SRC.replace(hidden_size=48)]
     cands = tuple(Candidate(shape=s, params=s.num_params(), budget=200_000) for s in shapes)
-    return SearchReport(budget=200_000, candidates=cands, losses=(6.5, 6.25), chosen=1, method="activation",
+    return SearchReport(budget=Budget(params=200_000), candidates=cands, losses=(6.5, 6.25), chosen=1, method="activation",
                         held_out={"sha256": "ab"}, kd_iters=2 if kd else 0, seconds={"total": 1.0},
                         pruned_losses=(7.0, 7.5) if kd else ())
 
 
 def test_report_json_has_the_documented_fields():
     d = json.loads(json.dumps(report().to_json()))
-    assert d["budget"] == 200_000 and d["chosen"] == 1
+    assert d["budget"]["params"] == 200_000 and d["chosen"] == 1
     assert [sorted(c) for c in d["candidates"]] == [["params", "score", "shape"]] * 2
     assert LlamaShape.from_dict(d["candidates"][1]["shape"]).hidden_size == 48
     assert d["candidates"][0]["params"] == SRC.replace(num_layers=3).num_params()

@@ -4,6 +4,7 @@ validation hand-given sizes get, and the search against a brute-force enumeratio
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
@@ -219,3 +220,256 @@ def test_cli_budget_errors_are_one_line(ckpt, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
     assert not (ckpt / "out").exists()
+
+
+# ----------------------------------------------------------------------------- memory: weights + KV cache
+def _cache_tensors(cache) -> list:
+    """The key and value tensors of an HF cache object, across transformers versions."""
+    if hasattr(cache, "layers"):                                   # transformers >= 4.56: one object per layer
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if hasattr(cache, "key_cache"):                                # DynamicCache of older 4.x
+        return [*cache.key_cache, *cache.value_cache]
+    return [t for kv in cache for t in kv]                          # legacy tuples
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                             # GQA 4/2, untied
+    dict(num_attention_heads=8, num_key_value_heads=8, head_dim=8, tie_word_embeddings=True),  # MHA, tied
+    dict(num_attention_heads=8, num_key_value_heads=2, head_dim=24, num_hidden_layers=3),     # head_dim != h/heads
+])
+def test_inference_memory_matches_a_transformers_model_and_its_kv_cache(overrides, dtype, torch_dtype):
+    """Weights: the bytes of the HF model's parameters; KV cache: the bytes of the cache a forward pass fills."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from megatron_prune.config.shape import inference_memory_bytes
+
+    cfg = llama_config(**overrides)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, torch_dtype)).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights are one parameter
+    batch, seq = 3, 11
+    with torch.no_grad():
+        out = model(torch.zeros(batch, seq, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    kv = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    shape = LlamaShape.from_hf_config(cfg.to_dict())
+    assert inference_memory_bytes(shape, seq, batch, dtype) == weights + kv
+    assert inference_memory_bytes(shape, 0, batch, dtype) == weights
+
+
+def memory(s: LlamaShape, seq: int, batch: int = 1) -> int:
+    """bf16 weights + KV cache, written out here: 2 bytes x (params + k and v x layers x groups x head dim x tokens)."""
+    return 2 * (s.num_params() + 2 * s.num_layers * s.num_query_groups * s.kv_channels * seq * batch)
+
+
+def test_parse_memory_and_the_kv_default():
+    from megatron_prune.prune.search_space import GIB, make_budget, parse_memory_gb
+
+    assert GIB == 2**30 and parse_memory_gb("0.25") == 2**28 and parse_memory_gb(" 2 ") == 2**31
+    for bad in ("abc", "0", "-1", "inf"):
+        with pytest.raises(BudgetError, match="--target-memory-gb"):
+            parse_memory_gb(bad)
+    src = SMOL.replace(max_position_embeddings=8192)
+    b = make_budget(src, target_memory_gb="0.2")
+    assert (b.params, b.memory, b.seq_length, b.batch_size) == (None, round(0.2 * 2**30), 8192, 1)
+    b = make_budget(src, "50%", "0.2", seq_length=512, batch_size=4)
+    assert (b.params, b.seq_length, b.batch_size) == (round(SMOL.num_params() / 2), 512, 4)
+    with pytest.raises(BudgetError, match="exceeds the source model's"):  # 135M bf16 weights are 0.25 GiB
+        make_budget(src, target_memory_gb="0.5")
+    with pytest.raises(BudgetError, match="--target-params and/or --target-memory-gb"):
+        make_budget(src)
+    with pytest.raises(BudgetError, match="--memory-seq-length"):
+        make_budget(src, target_memory_gb="0.2", seq_length=0)
+
+
+MEMORY_CASES = {  # name: (source, tp, limits, seq, batch, params fraction or None, memory fraction of the source's)
+    "gqa-memory": (SOURCES["gqa-tp2"][0], 2, SearchLimits(8), 256, 2, None, 0.6),
+    "mha-memory": (SOURCES["mha-tp2"][0], 2, SOURCES["mha-tp2"][3], 64, 1, None, 0.55),
+    "smol-memory": (SMOL, 3, SearchLimits(32), 8192, 1, None, 0.5),
+    "gqa-both": (SOURCES["gqa-tp2"][0], 2, SearchLimits(8, candidates=12), 256, 2, 0.6, 0.62),
+    "smol-both": (SMOL, 3, SearchLimits(32), 2048, 4, 0.5, 0.55),
+}
+
+
+def _memory_budget(name):
+    from megatron_prune.prune.search_space import Budget
+
+    src, tp, limits, seq, batch, pfrac, mfrac = MEMORY_CASES[name]
+    params = int(src.num_params() * pfrac) if pfrac else None
+    return src, tp, limits, Budget(params=params, memory=int(memory(src, seq, batch) * mfrac), seq_length=seq,
+                                   batch_size=batch)
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CASES))
+def test_memory_budget_keeps_the_closest_of_a_brute_force_enumeration(name):
+    """Memory alone: 95-100% of the bytes, ranked by bytes. With parameters: 95-100% of the parameters and at most
+    the bytes, ranked by parameters."""
+    src, tp, limits, b = _memory_budget(name)
+    rows = [(p, memory(s, b.seq_length, b.batch_size), s) for p, s in brute_force(src, tp, limits)]
+    if b.params is None:
+        inside = sorted((b.memory - m, s) for _, m, s in rows if 0.95 * b.memory <= m <= b.memory)
+    else:
+        inside = sorted((b.params - p, s) for p, m, s in rows if 0.95 * b.params <= p <= b.params and m <= b.memory)
+        assert any(m > b.memory for p, m, _ in rows if 0.95 * b.params <= p <= b.params), "the ceiling never binds"
+    cands = search(src, tp, b, limits)
+    assert cands and [gap for gap, _ in inside[:limits.candidates]] == (
+        [b.memory - c.memory for c in cands] if b.params is None else [b.params - c.params for c in cands])
+    for c in cands:
+        assert c.memory == memory(c.shape, b.seq_length, b.batch_size) and c.params == c.shape.num_params()
+        assert hand_validated(src, tp, c.shape) == c.shape and c.shape in {s for _, s in inside}
+
+
+def test_memory_table_has_a_memory_column():
+    from megatron_prune.prune.search_space import format_table
+
+    src, tp, limits, b = _memory_budget("smol-both")
+    table = format_table(search(src, tp, b, limits)).splitlines()
+    assert table[0].split() == ["rank", "shape", "params", "%", "of", "budget", "memory", "GiB", "%", "of", "memory",
+                                "budget"]
+    c = search(src, tp, b, limits)[0]
+    assert f"{c.memory / 2**30:.4f}" in table[1] and f"{100 * c.memory / b.memory:.2f}%" in table[1]
+
+
+def test_unreachable_combined_budget_names_the_closest_shape_and_both_budgets():
+    """95-100% of the parameters but a memory ceiling only much smaller shapes meet: nothing fits; the error names
+    both budgets and the shape with the smallest relative distance (to the parameters + above the ceiling)."""
+    from megatron_prune.prune.search_space import Budget
+
+    src, tp, _, limits = SOURCES["gqa-tp2"]
+    seq, batch = 256, 2
+    b = Budget(params=int(src.num_params() * 0.8), memory=int(memory(src, seq, batch) * 0.5), seq_length=seq,
+               batch_size=batch)
+    with pytest.raises(BudgetError) as e:
+        search(src, tp, b, limits)
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert f"of {b.params:,} params and at most {b.memory / 2**30:.4g} GiB" in msg and "--target-memory-gb" in msg
+    m = re.search(r"closest: layers=(\d+) hidden=(\d+) heads=(\d+)/(\d+) ffn=(\d+) with ([\d,]+) params "
+                  r"\(([\d.]+)% of the parameter budget\) and [\d.]+ GiB \(([\d.]+)% of the memory budget\)", msg)
+    assert m, msg
+    layers, hidden, heads, groups, ffn = map(int, m.groups()[:5])
+    named = src.replace(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+                        ffn_hidden_size=ffn)
+    mem = memory(named, seq, batch)
+    assert named.num_params() == int(m.group(6).replace(",", "")) and hand_validated(src, tp, named) == named
+    assert float(m.group(8)) == pytest.approx(100 * mem / b.memory, abs=0.01)
+
+    def distance(p, mm):
+        return abs(p - b.params) / b.params + max(0, mm - b.memory) / b.memory
+
+    best = min(distance(p, memory(s, seq, batch)) for p, s in brute_force(src, tp, limits))
+    assert distance(named.num_params(), mem) == pytest.approx(best, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- hand-given widths
+@pytest.mark.parametrize("argv, warned", [
+    (["--hidden-size-remain", "48"], "hidden 48"),
+    (["--hidden-size-remain", "48", "--ffn-hidden-size-remain", "40"], "hidden 48 and ffn 40"),
+    (["--hidden-size-remain", "48", "--width-multiple", "16"], None),
+    (["--hidden-size-remain", "48", "--ffn-hidden-size-remain", "40", "--width-multiple", "16"], "ffn 40"),
+    (["--num-attention-heads-remain", "4"], None),  # head counts are not widths
+])
+def test_hand_given_width_off_the_multiple_warns_in_one_line(ckpt, capsys, argv, warned):
+    rc = _prune(ckpt, *argv, "--check-only")
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.startswith("ok: ") and not (ckpt / "out").exists()
+    lines = [line for line in err.splitlines() if "--width-multiple" in line]
+    if warned is None:
+        assert not lines, err
+        return
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {warned} not a multiple of --width-multiple "), err
+    assert "W4A16" in lines[0] and "% 128 == 0" in lines[0]
+
+
+# ----------------------------------------------------------------------------- CLI: memory budget, --check-only
+TINY = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
+                  kv_channels=16, vocab_size=512, max_position_embeddings=256)  # the `ckpt` fixture's model
+
+
+def _rows(out: str) -> list[list[str]]:
+    return [line.split() for line in out.splitlines() if re.match(r"\s*\d+\s+layers=", line)]
+
+
+def _shape_of(row: list[str]) -> LlamaShape:
+    sizes = dict(kv.split("=") for kv in row[1:5])
+    heads, groups = map(int, sizes["heads"].split("/"))
+    return TINY.replace(num_layers=int(sizes["layers"]), hidden_size=int(sizes["hidden"]), num_attention_heads=heads,
+                        num_query_groups=groups, ffn_hidden_size=int(sizes["ffn"]))
+
+
+def test_cli_memory_dry_run_needs_no_save_and_defaults_to_the_full_context(ckpt, capsys):
+    """Memory alone, KV cache at the model's max_position_embeddings (256) by default; no --save needed."""
+    from megatron_prune.__main__ import main
+
+    gib = 0.7 * memory(TINY, 256) / 2**30
+    rc = main(["prune", "--load", str(ckpt / "tp2"), "--target-memory-gb", repr(gib), "--width-multiple", "8",
+               "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "KV cache of 1 x 256 tokens" in out and "memory GiB" in out and "% of budget" not in out
+    rows = _rows(out)
+    assert rows
+    budget = round(gib * 2**30)
+    for r in rows:
+        m = memory(_shape_of(r), 256)
+        assert 0.95 * budget <= m <= budget and r[6] == f"{m / 2**30:.4f}" and r[5] == f"{_shape_of(r).num_params():,}"
+
+
+def test_cli_combined_budget_with_seq_and_batch(ckpt, capsys):
+    src_mem = memory(TINY, 64, 2)
+    rc = _prune(ckpt, "--target-params", "60%", "--target-memory-gb", repr(0.58 * src_mem / 2**30),
+                "--memory-seq-length", "64", "--memory-batch-size", "2", "--width-multiple", "8", "--dry-run")
+    out = capsys.readouterr().out
+    assert rc == 0 and "KV cache of 2 x 64 tokens" in out and "% of budget" in out and "memory GiB" in out
+    budget = round(0.6 * TINY.num_params())
+    for r in _rows(out):
+        s = _shape_of(r)
+        assert 0.95 * budget <= s.num_params() <= budget and memory(s, 64, 2) <= round(0.58 * src_mem)
+
+
+def test_cli_check_only_validates_the_budget_and_counts_the_candidates(ckpt, capsys):
+    rc = _prune(ckpt, "--target-params", "60%", "--width-multiple", "8", "--search-candidates", "3", "--check-only")
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("ok: ") and "3 candidate shapes" in out and not _rows(out)
+    assert not (ckpt / "out").exists()
+    rc = _prune(ckpt, "--target-params", "1000", "--check-only")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "closest: " in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--memory-seq-length", "64", "--hidden-size-remain", "32"], "give --target-memory-gb too"),
+    (["--target-memory-gb", "lots", "--dry-run"], "--target-memory-gb 'lots': expected a size in GiB"),
+    (["--target-memory-gb", "1", "--dry-run"], "exceeds the source model's"),
+    (["--target-memory-gb", "1e-4", "--dry-run", "--ffn-hidden-size-remain", "32"], "do not also give sizes"),
+])
+def test_cli_memory_errors_are_one_line(ckpt, capsys, argv, message):
+    rc = _prune(ckpt, *argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_cli_save_is_required_without_dry_run(ckpt, capsys):
+    from megatron_prune.__main__ import main
+
+    rc = main(["prune", "--load", str(ckpt / "tp2"), "--hidden-size-remain", "32", "--check-only"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: the following arguments are required: --save (see --help)", err
+
+
+def test_pruning_run_warns_once_about_a_hand_given_width(ckpt):
+    """The real run (one process at TP=1, as torchrun's rank 0 would) prints the width warning once, and prunes."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_prune.checkpoint.convert_files import hf_to_megatron
+
+    hf_to_megatron(ckpt / "hf", ckpt / "tp1", tp=1, progress=False)
+    res = subprocess.run([sys.executable, "-m", "megatron_prune", "prune", "--load", str(ckpt / "tp1"), "--save",
+                          str(ckpt / "tp1-pruned"), "--ffn-hidden-size-remain", "40", "--no-progress"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if "--width-multiple" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ffn 40 not a multiple of --width-multiple 128"), lines
+    assert json.loads((ckpt / "tp1-pruned" / "megatron_prune.json").read_text())["shape"]["ffn_hidden_size"] == 40

@@ -185,3 +185,49 @@ def test_default_nproc_is_the_gpu_count_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert default_nproc(["--tp", "2"]) == 8
+
+
+def _logging_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A PYTHON that records each of its command lines, then runs the venv's python: shows whether torchrun ran."""
+    log, wrapper = tmp_path / "calls.log", tmp_path / "python"
+    wrapper.write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {VENV_PYTHON} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def _budget_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+
+
+def test_prune_budget_dry_run_is_one_process(ckpt_tp2, tmp_path):
+    """--target-params ... --dry-run (or TARGET_PARAMS=... DRY_RUN=1): the candidate table from one python process,
+    no torchrun, no --save needed, nothing written; a flag wins over its variable (--no-dry-run over DRY_RUN=1)."""
+    python, log = _logging_python(tmp_path)
+    flags = run("scripts/prune_llama.sh", "--load", ckpt_tp2, "--target-params", "50%", "--width-multiple", "8",
+                "--dry-run", PYTHON=python)
+    env = run("scripts/prune_llama.sh", PYTHON=python, LOAD=ckpt_tp2, TARGET_PARAMS="50%", WIDTH_MULTIPLE="8",
+              SEARCH_CANDIDATES="3", TARGET_MEMORY_GB="0.001", MEMORY_SEQ_LENGTH="16", DRY_RUN="1")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and not any("launch" in c or "--check-only" in c for c in calls), calls
+    assert "% of budget" in flags.stdout and len(_budget_rows(flags.stdout)) >= 2
+    assert "memory GiB" in env.stdout and "KV cache of 1 x 16 tokens" in env.stdout
+    assert len(_budget_rows(env.stdout)) == 3
+    assert calls[1].split()[calls[1].split().index("--search-candidates") + 1] == "3"
+    assert not list(tmp_path.glob("out*"))
+    # --no-dry-run on the command line wins over DRY_RUN=1: the pre-flight check runs (and refuses without --save)
+    res = run("scripts/prune_llama.sh", "--no-dry-run", ok=False, PYTHON=python, LOAD=ckpt_tp2, TARGET_PARAMS="50%",
+              WIDTH_MULTIPLE="8", DRY_RUN="1")
+    assert res.returncode == 2 and res.stderr.startswith("error: the following arguments are required: --save "
+                                                         "(or SAVE)"), res.stderr
+    assert "--check-only" in log.read_text().splitlines()[-1]
+
+
+def test_prune_budget_is_checked_before_torchrun(ckpt_tp2, tmp_path):
+    """Without --dry-run the script's one-process check (--check-only) validates the budget: an unreachable one is
+    one line naming the closest shape, and torchrun never starts."""
+    python, log = _logging_python(tmp_path)
+    bad = run("scripts/prune_llama.sh", "--load", ckpt_tp2, "--save", tmp_path / "out", ok=False, PYTHON=python,
+              TARGET_PARAMS="1000")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "closest: " in bad.stderr, bad.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and "--check-only" in calls[0] and not (tmp_path / "out").exists()
