@@ -209,7 +209,8 @@ def test_cli_dry_run_prints_the_table_and_writes_nothing(ckpt, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target-params", "60%"], "add --dry-run"),
+    (["--target-params", "60%", "--prune-type", "global"], "drop --prune-type global"),
+    (["--target-params", "60%", "--search-eval-samples", "0"], "--search-eval-samples must be >= 1"),
     (["--target-params", "60%", "--dry-run", "--hidden-size-remain", "32"], "do not also give sizes"),
     (["--dry-run", "--hidden-size-remain", "32"], "--dry-run goes with --target-params"),
     (["--target-params", "1000", "--dry-run"], r"tp2: no shape within 95-100% of 1,000 params at TP 2.*closest: "),
