@@ -29,6 +29,7 @@ from bench_prune import update_prune_section  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "megatron_prune" / "data" / "samples"
 CACHE = Path.home() / ".cache" / "megatron_prune"
+RESULTS_JSON = REPO / "benchmarks" / "budget_search.json"
 BUDGET = 64_047_840
 TP = 3
 
@@ -118,6 +119,16 @@ def run(args, work: Path) -> dict:
                              recover(work, "search", work / f"search{args.multiples[0]}", hf, data, args, log)}
         for name, res in r["recovery"].items():
             log_step(f"{name} after recovery: ppl {res['perplexity']:.2f}")
+    return r
+
+
+def resume(args, work: Path) -> dict:
+    """Add the importance methods an earlier run (same --keep directory) did not measure."""
+    r = json.loads(RESULTS_JSON.read_text())
+    r["searches"] = {int(k): v for k, v in r["searches"].items()}
+    missing = [m for m in args.methods if not any(k.split()[0] == m for k in r["importance"])]
+    shape = r["searches"][args.multiples[0]]["target"]
+    r["importance"].update(importance_at(work, work / "teacher-tp3", shape, args, work / "budget.log", missing))
     return r
 
 
@@ -222,15 +233,17 @@ def main() -> int:
                     help="importance methods compared at the searched shape")
     ap.add_argument("--no-write", action="store_true", help="print without updating RESULTS.md")
     ap.add_argument("--keep", default=None, help="keep the work directory here")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --keep of an earlier run: only run the --methods missing from its results")
     args = ap.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="budget_search_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        r = run(args, work)
+        r = resume(args, work) if args.resume else run(args, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    (REPO / "benchmarks" / "budget_search.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    RESULTS_JSON.write_text(json.dumps(r, indent=1, default=str) + "\n")
     body = render(r, args)
     print(body)
     if not args.no_write:

@@ -15,9 +15,9 @@ from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_h
 from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
 from megatron_prune.checkpoint.keys import (OUTPUT, hf_expected_keys, is_ignored_hf_key, stage_tensor_maps,
                                             to_local_names)
-from megatron_prune.config.shape import DTYPE_BYTES, canonical_dtype
+from megatron_prune.config.shape import DTYPE_BYTES, DTYPES, canonical_dtype, torch_dtype
 
-TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_DTYPES = tuple(torch_dtype(d) for d in DTYPES)
 
 
 def _check_hf_keys(reader: HFReader) -> None:
@@ -32,7 +32,7 @@ def _check_hf_keys(reader: HFReader) -> None:
         raise CheckpointError(f"{reader.dir}: unexpected tensors for a LLaMA model, e.g. {extra[:3]}")
     reader.check_shapes()
     for key in expected:
-        if reader[key].dtype not in TORCH_DTYPE.values():
+        if reader[key].dtype not in SUPPORTED_DTYPES:
             raise CheckpointError(f"{reader.dir}: tensor {key!r} has unsupported dtype {reader[key].dtype}")
 
 
@@ -78,7 +78,7 @@ def _write_converted_rank(reader: HFReader, meta: mio.CheckpointMeta, args, out:
             bar.update()
 
         sd = hf_to_megatron_rank(lambda k: reader[k], shape, meta.tp, meta.pp, tp_rank, pp_rank,
-                                 meta.padded_vocab_size, TORCH_DTYPE[shape.dtype], meta.te_names, on_tensor=on_tensor)
+                                 meta.padded_vocab_size, torch_dtype(shape.dtype), meta.te_names, on_tensor=on_tensor)
         mio.save_rank(out, "release", tp_rank, pp_rank, meta.pp, mio.rank_state(sd, args, 0))
 
 
@@ -89,7 +89,7 @@ def _raise_non_finite_hf(reader: HFReader, hf_keys, dtype: str) -> None:
         if not is_finite(t):
             raise NonFiniteError(f"{reader[key].path}: tensor {key!r} holds non-finite values "
                                  f"({describe_non_finite(t)}); pass --allow-non-finite to convert it anyway")
-        if not is_finite(t.to(TORCH_DTYPE[dtype])):
+        if not is_finite(t.to(torch_dtype(dtype))):
             raise NonFiniteError(f"{reader[key].path}: tensor {key!r} overflows {dtype}: values beyond its range "
                                  f"become Inf (convert with --dtype fp32, or pass --allow-non-finite)")
     raise NonFiniteError(f"{reader[hf_keys[0]].path}: tensor {hf_keys[0]!r} gives non-finite values")
@@ -120,7 +120,7 @@ def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None,
             sds = [mio.load_rank(load, tp_rank, pp_rank, meta, iteration)["model"]
                    for tp_rank in tqdm(range(meta.tp), desc=f"read stage {pp_rank}", disable=not progress,
                                        leave=False)]
-            for key, t in megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, TORCH_DTYPE[shape.dtype]):
+            for key, t in megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, torch_dtype(shape.dtype)):
                 if not allow_non_finite and not is_finite(t):
                     _raise_non_finite_mg(load, meta, iteration, pp_rank, sds, key, shape.dtype)
                 yield key, t

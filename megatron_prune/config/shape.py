@@ -23,6 +23,13 @@ class ShapeError(UserError, ValueError):
     """A model shape (or shape + parallel layout) that cannot work; the message names every factor."""
 
 
+def torch_dtype(name: str):
+    """The torch dtype of a dtype name (any spelling canonical_dtype accepts): the one table, DTYPES."""
+    import torch
+
+    return getattr(torch, canonical_dtype(name))
+
+
 def canonical_dtype(name: str) -> str:
     name = str(name).replace("torch.", "")
     name = DTYPE_ALIASES.get(name, name)

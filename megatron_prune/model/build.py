@@ -12,9 +12,7 @@ import torch.nn.functional as F
 
 from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.keys import to_local_names, to_te_names
-from megatron_prune.config.shape import LlamaShape
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_prune.config.shape import LlamaShape, torch_dtype
 
 # megatron-core hard-codes these llama3 rope-scaling parameters (rotary_pos_embedding._apply_scaling).
 _MCORE_LLAMA3 = (1.0, 4.0, 8192)
@@ -45,7 +43,7 @@ def te_available() -> bool:
 def transformer_config(shape: LlamaShape, opts: ModelOptions):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = TORCH_DTYPES[opts.dtype or shape.dtype]
+    dtype = torch_dtype(opts.dtype or shape.dtype)
     cuda = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=shape.num_layers,

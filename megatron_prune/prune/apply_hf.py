@@ -19,12 +19,11 @@ from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tok
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, OUTPUT, PRE_MLP_NORM, PROJ,
                                             QKV, hf_expected_keys)
-from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape, canonical_dtype
+from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape, canonical_dtype, torch_dtype
 from megatron_prune.prune.apply import take, target_shape
 from megatron_prune.prune.plan import LayerPlan, PrunePlan
 
 Getter = Callable[[str], torch.Tensor]
-TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_config_warning(shape: LlamaShape) -> str | None:
@@ -87,7 +86,7 @@ def prune_hf(hf_dir: str | Path, plan: PrunePlan, save: str | Path, dtype: str |
         src_dtype = canonical_dtype(reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32")
         shape = target_shape(plan, reader.shape).replace(dtype=canonical_dtype(dtype or src_dtype))
         config = shape.to_hf_config(reader.config)
-        cast = TORCH_DTYPE[shape.dtype]
+        cast = torch_dtype(shape.dtype)
         total = 3 + 9 * shape.num_layers - shape.tie_word_embeddings
         check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
 
