@@ -186,6 +186,7 @@ def render(r: dict, args) -> str:
             rec = r["recovery"].get(name)
             row += f" {ppl(rec) if rec else '-'} |"
         lines.append(row)
+    lines += ["", reading(r, args)]
     if r.get("recovery"):
         tokens = next(iter(r["recovery"].values()))["tokens_trained"]
         lines += ["", f"Recovery: {args.recovery_iters} iterations = {tokens:,} tokens of distillation from the "
@@ -207,6 +208,27 @@ def render(r: dict, args) -> str:
                   s["seconds"]["total"], s["seconds"]["total"] / base, first["wall"], r["hand"]["wall"],
                   max(first["peak_rss"]) / 2**30, max(r["hand"]["peak_rss"]) / 2**30, r["shard_bytes"] / 2**30)]
     return "\n".join(lines)
+
+
+def reading(r: dict, args) -> str:
+    """What the numbers say, computed from them (ratios of perplexities)."""
+    name = f"search (width multiple {args.multiples[0]})"
+    hand_ppl, search_ppl = r["variants"]["hand shape (demo)"]["perplexity"], r["variants"][name]["perplexity"]
+    text = (f"Reading: the search ranked its candidates on held-apart train windows, and heldout.jsonl agrees: its "
+            f"pick has {hand_ppl / search_ppl:.1f}x lower perplexity than the hand shape right after pruning")
+    if r.get("recovery"):
+        a, b = r["recovery"]["hand shape (demo)"]["perplexity"], r["recovery"][name]["perplexity"]
+        text += f" and {100 * (1 - b / a):.0f}% lower after the same recovery tokens"
+    same = len({json.dumps(x["target"], sort_keys=True) for x in r["searches"].values()}) == 1
+    text += (". Rounding widths to " + " vs ".join(str(m) for m in r["searches"]) +
+             (": the same pick, so the quantizer-friendly multiple cost nothing here. " if same else
+              ": different picks (see the table for the loss each costs). "))
+    randoms = [v["perplexity"] for k, v in r["importance"].items() if k.startswith("random")]
+    if len(randoms) > 1:
+        text += (f"Noise: activation and Taylor scores are deterministic for a given calibration text; the random "
+                 f"plans' {len(randoms)} seeds span {max(randoms) / min(randoms):.0f}x, so only large gaps between "
+                 "weak plans mean anything. Each recovery run is one seed.")
+    return text
 
 
 def table(s: dict) -> str:
