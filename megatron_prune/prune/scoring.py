@@ -55,9 +55,13 @@ def score_model(method: str, model, shape: LlamaShape, windows: torch.Tensor, mi
     if method not in MODEL_METHODS:
         raise ValueError(f"{method!r} is not a model-based importance method ({', '.join(MODEL_METHODS)})")
     if method == "taylor":
+        import warnings
+
         from megatron_prune.prune.taylor import taylor_scores
 
-        return taylor_scores(model, shape, windows, micro_batch_size, progress)
+        with warnings.catch_warnings():  # megatron's CUDA tuning hint, printed by every backward on every rank
+            warnings.filterwarnings("ignore", message="When using async grad allreduce")
+            return taylor_scores(model, shape, windows, micro_batch_size, progress)
     batches = micro_batches(windows, micro_batch_size)
     with ActivationScorer(model, shape) as scorer:
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
