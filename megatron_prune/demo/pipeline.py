@@ -38,7 +38,8 @@ def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict 
     """Run `python -m megatron_prune ARGS` (under torchrun when nproc > 0); return stdout, raise with the tail."""
     cmd = [sys.executable, "-m", "megatron_prune", *args]
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        # cli.launch = torchrun, minus torchrun's traceback wall when a worker already said what went wrong
+        cmd = [sys.executable, "-m", "megatron_prune.cli.launch", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_prune", *args]
     threads = max(1, (os.cpu_count() or 2) // max(nproc, 1))
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
