@@ -16,7 +16,7 @@
 #   --num-layers-remain           NUM_LAYERS_REMAIN           layers to keep, by Block Influence (activation|taylor) []
 #   --drop-layers                 DROP_LAYERS                 layer ids to drop, 0-based, e.g. 7,13,18,24  []
 #   --prune-type                  PRUNE_TYPE                  balance (equal shards) | global (uneven)  [balance]
-#   --importance                  IMPORTANCE                  random | magnitude | activation | taylor  [random]
+#   --importance                  IMPORTANCE                  random | magnitude | activation | taylor  [activation with a budget, else random]
 #                                                             (taylor: |weight x gradient| per unit, backward passes)
 #   --calib-data                  CALIB_DATA                  text/jsonl file or indexed dataset prefix
 #                                                                                    [the shipped English sample]

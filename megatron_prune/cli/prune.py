@@ -29,19 +29,19 @@ def add_arguments(p) -> None:
                    help="query groups (KV heads) to keep (default: MHA stays MHA; GQA keeps its groups)")
     g.add_argument("--ffn-hidden-size-remain", type=int, help="FFN channels to keep")
     g.add_argument("--num-layers-remain", type=int,
-                   help="layers to keep, the others dropped by lowest Block Influence (needs activation importance)")
+                   help="layers to keep, the others dropped by lowest Block Influence (activation or taylor)")
     g.add_argument("--drop-layers", default=None, help="layer ids to drop, 0-based, e.g. 7,13,18,24")
     p.add_argument("--plan", default=None, help="re-apply a saved prune_plan.json instead of making a plan")
     p.add_argument("--prune-type", choices=["balance", "global"], default=None,
                    help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
                         "best over all ranks, uneven shards (reshard before training)")
-    p.add_argument("--importance", choices=["random", "magnitude", "activation", "taylor"], default="random",
-                   help="how units are scored (default random): random; magnitude (weight norms, no data); "
+    p.add_argument("--importance", choices=["random", "magnitude", "activation", "taylor"], default=None,
+                   help="how units are scored (default: activation with a budget, else random): random; magnitude (weight norms, no data); "
                         "activation (Minitron: activation norms on calibration text, layers by Block Influence); "
                         "taylor (|sum of weight x gradient| of the calibration loss per unit, layers by Block "
                         "Influence; backward passes, about 3x activation's cost)")
     p.add_argument("--seed", type=int, default=1234, help="random plan seed (default 1234)")
-    c = p.add_argument_group("calibration (activation and taylor importance)")
+    c = p.add_argument_group("calibration (activation / taylor importance; with a budget also the held-out windows)")
     c.add_argument("--calib-data", default=None,
                    help="text / jsonl file or indexed dataset prefix (default: the shipped English sample)")
     c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
@@ -95,7 +95,8 @@ def _add_budget_arguments(p) -> None:
                         "loss (slower, ranks by recoverability; default 0)")
     b.add_argument("--search-kd-lr", type=float, default=1e-4, help="AdamW learning rate of those steps (1e-4)")
     b.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
-                   help="with a budget: print the candidate table and stop (one process, nothing written)")
+                   help="with a budget: print the candidate table and stop (nothing written; run it as one "
+                        "process, without torchrun)")
 
 
 def build_config(args):
@@ -108,6 +109,8 @@ def build_config(args):
     if args.plan and any(v is not None for v in sizes):
         raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
     budget = args.target_params is not None or args.target_memory_gb is not None
+    if args.width_multiple < 1:
+        raise InputError(f"--width-multiple must be a positive integer, got {args.width_multiple}")
     if budget and (args.plan or any(v is not None for v in sizes)):
         raise InputError("a budget (--target-params / --target-memory-gb) searches the sizes: do not also give "
                          "sizes, --drop-layers or --plan")
@@ -126,7 +129,8 @@ def build_config(args):
                              drop_layers=layer_ids(args.drop_layers), mode=args.prune_type or "balance")
     calib = CalibConfig(data=args.calib_data, samples=args.calib_samples, seq_length=args.calib_seq_length,
                         micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
-    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance,
+    importance = args.importance or ("activation" if budget else "random")
+    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=importance,
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        allow_non_finite=args.allow_non_finite, search=search)
@@ -160,6 +164,7 @@ def _search(args) -> int:
     cfg = build_config(args)  # the same argument checks as a real run
     if args.check_only:  # everything a run checks (output, calibration data), then the count
         prep = check(cfg)
+        _check_tp(args.tp, cfg.load, prep.meta.tp)
         print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
               f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
               f"{cfg.search.limits.width_multiple})")
@@ -234,14 +239,18 @@ def _run(args, rank0: bool) -> int:
     return 0
 
 
+def _check_tp(tp: int | None, load: str, actual: int) -> None:
+    if tp is not None and tp != actual:
+        raise InputError(f"--tp {tp}, but {load} is a tp={actual} checkpoint: prune runs one process per TP rank "
+                         f"of its input (reshard it first to change TP)")
+
+
 def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
     from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import check
 
     prep = check(cfg)
-    if tp is not None and tp != prep.meta.tp:
-        raise InputError(f"--tp {tp}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune runs one "
-                         f"process per TP rank of its input (reshard it first to change TP)")
+    _check_tp(tp, cfg.load, prep.meta.tp)
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
     for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):
         if warning:

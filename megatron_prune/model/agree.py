@@ -72,3 +72,12 @@ def agree(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         rank, (user, message, trace) = failed[0]
         raise RankFailure(rank, user, message, trace) from error
     return result
+
+
+def check_identical(value: str, what: str) -> None:
+    """Every rank must hold the same `value` (a plan fingerprint, a choice): a divergence is a bug, raised on
+    every rank with all ranks' values."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    if len(set(everyone)) != 1:
+        raise RuntimeError(f"ranks made different {what}: {everyone}")

@@ -51,9 +51,9 @@ def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor |
     """t[rows][:, cols] as a compact new tensor; None keeps the dimension whole. Rows first: the smaller copy."""
     out = t
     if rows is not None and not _is_all(rows, t.shape[0]):
-        out = out.index_select(0, rows)
+        out = out.index_select(0, rows.to(t.device))  # (the search slices a loaded model's CUDA parameters)
     if cols is not None and not _is_all(cols, t.shape[1]):
-        out = out.index_select(1, cols)
+        out = out.index_select(1, cols.to(t.device))
     return out.clone() if out is t else out  # never hand back the (mmap'd) input itself
 
 

@@ -74,7 +74,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.plan, self.search)) != 1:
-            raise InputError("give one of: target sizes, --plan FILE, --target-params N")
+            raise InputError("give one of: target sizes, --plan FILE, a budget (--target-params N / "
+                             "--target-memory-gb G)")
         if self.importance not in IMPORTANCES:
             raise InputError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
 
@@ -249,11 +250,9 @@ def activation_scores(cfg: PruneConfig, meta: mio.CheckpointMeta, tokens: torch.
 
 def check_same_plan(plan: PrunePlan) -> None:
     """Every rank must apply the same plan (scores could in principle diverge); compare fingerprints."""
-    mine = plan.fingerprint()
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if len(set(everyone)) != 1:
-        raise RuntimeError(f"ranks made different plans: {everyone}")
+    from megatron_prune.model.agree import check_identical
+
+    check_identical(plan.fingerprint(), "plans")
 
 
 # ----------------------------------------------------------------------------- the whole run, on every rank

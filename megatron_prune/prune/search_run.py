@@ -18,6 +18,7 @@ Peak memory per rank: the loaded model plus one pruned candidate (model and its 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,20 +66,29 @@ class SearchReport:
     pruned_losses: tuple[float, ...] = ()  # with distillation steps: the loss right after pruning, before them
 
     def to_json(self) -> dict:
-        cands = [{"shape": c.shape.to_dict(), "params": c.params, "score": loss}
+        cands = [{"shape": c.shape.to_dict(), "params": c.params, "score": _finite(loss)}
                  for c, loss in zip(self.candidates, self.losses)]
+        if self.budget.memory is not None:
+            for c, cand in zip(cands, self.candidates):
+                c["memory_bytes"] = cand.memory
         for c, loss in zip(cands, self.pruned_losses):
-            c["loss_after_pruning"] = loss
+            c["loss_after_pruning"] = _finite(loss)
         return {"budget": self.budget.to_json(), "method": self.method, "held_out": self.held_out, "kd_iters": self.kd_iters,
                 "seconds": self.seconds, "chosen": self.chosen, "candidates": cands}
 
     def table(self) -> str:
-        rows = [("rank", "shape", "params", "loss", "chosen")]
-        rows += [(str(i), c.line(), f"{c.params:,}", f"{loss:.4f}", "*" if i - 1 == self.chosen else "")
+        mem = self.budget.memory is not None
+        rows = [("rank", "shape", "params") + (("memory GiB",) if mem else ()) + ("loss", "chosen")]
+        rows += [(str(i), c.line(), f"{c.params:,}") + ((f"{c.memory / 2**30:.4f}",) if mem else ())
+                 + (f"{loss:.4f}", "*" if i - 1 == self.chosen else "")
                  for i, (c, loss) in enumerate(zip(self.candidates, self.losses), 1)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
                          for r in rows)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN
 
 
 def split_windows(windows: torch.Tensor, scoring: int, held_out: int, source: str
@@ -137,12 +147,13 @@ def distill(student, teacher, windows: torch.Tensor, iters: int, lr: float, micr
     from megatron_prune.train.distill import kd_token_losses
 
     batches = micro_batches(windows, micro_batch_size)
+    device = next(student.parameters()).device
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     student.train()
     for it in range(iters):
-        tokens = batches[it % len(batches)][:, :-1].contiguous()
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        mask = causal_mask(tokens.shape[1])
+        tokens = batches[it % len(batches)][:, :-1].contiguous().to(device)
+        pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        mask = causal_mask(tokens.shape[1], device)
         with torch.no_grad():
             target = teacher(tokens, pos, mask)
         loss = kd_token_losses(student(tokens, pos, mask), target, vocab).mean()
@@ -202,7 +213,7 @@ def search_plan(cfg, meta, candidates: list[Candidate], budget: Budget) -> tuple
         plans = [candidate_plan(cfg.importance, scores, meta.shape, meta.tp, c, cfg.seed, calibration)
                  for c in candidates]
         losses, before, per_candidate = evaluate_candidates(model, meta, plans, held_out, scoring, cfg, progress)
-    chosen = min(range(len(losses)), key=lambda i: (losses[i], i))
+    chosen = choose(losses, candidates)
     check_same_choice(chosen, losses)
     seconds = {"scores": t_scores, "candidates": per_candidate, "total": time.perf_counter() - t0}
     report = SearchReport(budget=budget, candidates=tuple(candidates), losses=tuple(losses), chosen=chosen,
@@ -211,10 +222,17 @@ def search_plan(cfg, meta, candidates: list[Candidate], budget: Budget) -> tuple
     return plans[chosen], report
 
 
+def choose(losses: list[float], candidates: list[Candidate]) -> int:
+    """The lowest finite loss (ties: the earlier, i.e. closer to the budget); NaN / Inf never win."""
+    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    if not finite:
+        raise InputError(f"every candidate's held-out loss is non-finite ({candidates[0].line()}: {losses[0]}): "
+                         f"check the checkpoint for NaN / Inf weights and the calibration data")
+    return min(finite, key=lambda i: (losses[i], i))
+
+
 def check_same_choice(chosen: int, losses: list[float]) -> None:
     """Every rank must pick the same candidate (the losses are TP-reduced, so they should agree exactly)."""
-    mine = json.dumps([chosen, losses])
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if len(set(everyone)) != 1:
-        raise RuntimeError(f"ranks chose different candidates: {everyone}")
+    from megatron_prune.model.agree import check_identical
+
+    check_identical(json.dumps([chosen, losses]), "candidate choices")

@@ -119,6 +119,7 @@ def taylor_scores(model, shape: LlamaShape, windows: torch.Tensor, micro_batch_s
     from tqdm import tqdm
 
     from megatron_prune.model.forward import causal_mask, token_losses
+    from megatron_prune.prune.scoring import micro_batches
     from megatron_prune.prune.importance import ActivationScorer
 
     group = ps.get_tensor_model_parallel_group()
@@ -128,7 +129,7 @@ def taylor_scores(model, shape: LlamaShape, windows: torch.Tensor, micro_batch_s
     total = windows[:, 1:].numel()
     mask = causal_mask(windows.shape[1] - 1, device)
     model.zero_grad(set_to_none=True)
-    batches = [windows[i:i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
+    batches = micro_batches(windows, micro_batch_size)
     frozen = [p for p in model.parameters() if not p.requires_grad]  # a frozen weight would score 0 silently
     for p in frozen:
         p.requires_grad_(True)

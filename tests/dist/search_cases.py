@@ -23,12 +23,30 @@ def search_then_evaluate(payload: dict) -> dict:
                           calib=CalibConfig(**case["calib"]), progress=False, search=search)
         result = prune_checkpoint(cfg)
         windows = held_out_windows(case)
-        out[case["name"]] = {"report": json.loads((Path(case["save"]) / "prune_search.json").read_text()),
+        loser = None
+        if case.get("check_loser"):  # a losing candidate, pruned by hand to its sizes and written like any prune
+            loser = losing_candidate(case, result.search, windows)
+        out[case["name"]] = {"loser": loser, "report": json.loads((Path(case["save"]) / "prune_search.json").read_text()),
                              "in_memory": result.search.to_json(), "written_loss": written_loss(case["save"],
                                                                                                 windows),
                              "held_out_sha256": hashlib.sha256(windows.numpy().astype("int64").tobytes()).hexdigest(),
                              "windows": windows}
     return out
+
+
+def losing_candidate(case: dict, report, windows: torch.Tensor) -> dict:
+    from megatron_prune.prune.run import CalibConfig, PruneConfig, prune_checkpoint
+    from megatron_prune.prune.select import PruneTarget
+
+    i = max(range(len(report.losses)), key=lambda k: report.losses[k])  # the worst: surely not chosen
+    s = report.candidates[i].shape
+    target = PruneTarget(hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+                         num_query_groups=s.num_query_groups, ffn_hidden_size=s.ffn_hidden_size,
+                         num_layers=s.num_layers)
+    save = case["save"] + "-loser"
+    prune_checkpoint(PruneConfig(load=case["load"], save=save, target=target, importance=case["importance"],
+                                 calib=CalibConfig(**case["calib"]), progress=False))
+    return {"index": i, "written_loss": written_loss(save, windows)}
 
 
 def held_out_windows(case: dict) -> torch.Tensor:

@@ -30,11 +30,14 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     make_hf_model(root / "gqa", seed=2, **GQA)
     hf_to_megatron(root / "gqa", root / "gqa-tp2", tp=2, progress=False)
+    make_hf_model(root / "tied-hf", seed=3, tie_word_embeddings=True, **GQA)
+    hf_to_megatron(root / "tied-hf", root / "tied-tp2", tp=2, progress=False)
     tok = save_tiny_tokenizer(root / "tok")
     (root / "text.txt").write_text(TEXT)
     calib = dict(data=str(root / "text.txt"), tokenizer=str(tok), samples=6, seq_length=32, micro_batch_size=2)
     base = dict(load=str(root / "gqa-tp2"), budget="60%", limits=LIMITS, eval_samples=4, calib=calib)
-    cases = [dict(base, name="activation", importance="activation"),
+    cases = [dict(base, name="activation", importance="activation", check_loser=True),
+             dict(base, name="tied", importance="activation", load=str(root / "tied-tp2")),
              dict(base, name="random", importance="random"),
              dict(base, name="taylor", importance="taylor"),
              dict(base, name="kd", importance="activation", kd_iters=3)]
@@ -44,7 +47,7 @@ def world(tmp_path_factory):
     return {"root": root, "per_rank": per_rank, "cases": {c["name"]: c for c in cases}}
 
 
-@pytest.mark.parametrize("name", ["activation", "random", "taylor", "kd"])
+@pytest.mark.parametrize("name", ["activation", "tied", "random", "taylor", "kd"])
 def test_in_memory_loss_equals_the_written_checkpoint(world, name):
     for rank in range(2):
         run = world["per_rank"][rank][name]
@@ -55,6 +58,16 @@ def test_in_memory_loss_equals_the_written_checkpoint(world, name):
         assert report["held_out"]["sha256"] == run["held_out_sha256"]
         in_memory = chosen["loss_after_pruning" if name == "kd" else "score"]  # kd: the written weights are pruned
         assert abs(in_memory - run["written_loss"]) <= 1e-5, (in_memory, run["written_loss"])
+
+
+def test_a_losing_candidate_pruned_by_hand_has_the_loss_the_search_measured(world):
+    """Not only the winner: the worst candidate, pruned from its sizes by a plain prune and written, evaluates to
+    the search's in-memory number (and is worse than the winner on disk too)."""
+    run = world["per_rank"][0]["activation"]
+    report, loser = run["report"], run["loser"]
+    assert loser["index"] != report["chosen"]
+    assert abs(report["candidates"][loser["index"]]["score"] - loser["written_loss"]) <= 1e-5
+    assert loser["written_loss"] > run["written_loss"]
 
 
 def test_the_lowest_loss_wins_and_is_what_was_written(world):
@@ -89,6 +102,7 @@ def test_the_chosen_loss_matches_transformers_on_the_hf_export(world, tmp_path):
     megatron_to_hf(world["root"] / "activation", tmp_path / "hf", progress=False)
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ref = evaluate_hf(hf, run["windows"]).loss
+    assert sum(p.numel() for p in hf.parameters()) == run["report"]["candidates"][run["report"]["chosen"]]["params"]
     chosen = run["report"]["candidates"][run["report"]["chosen"]]["score"]
     assert abs(chosen - ref) <= 1e-4 * abs(ref), (chosen, ref)
 

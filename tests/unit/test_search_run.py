@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.errors import UserError
-from megatron_prune.prune.search_run import SearchConfig, SearchReport, split_windows
+from megatron_prune.prune.search_run import SearchConfig, SearchReport, choose, split_windows
 from megatron_prune.prune.search_space import Budget, Candidate
 
 SRC = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
@@ -48,9 +49,28 @@ def test_report_json_has_the_documented_fields():
     assert d["budget"]["params"] == 200_000 and d["chosen"] == 1
     assert [sorted(c) for c in d["candidates"]] == [["params", "score", "shape"]] * 2
     assert LlamaShape.from_dict(d["candidates"][1]["shape"]).hidden_size == 48
-    assert d["candidates"][0]["params"] == SRC.replace(num_layers=3).num_params()
     kd = report(kd=True).to_json()["candidates"]
     assert [c["loss_after_pruning"] for c in kd] == [7.0, 7.5] and [c["score"] for c in kd] == [6.5, 6.25]
+
+
+def test_non_finite_losses_never_win_and_are_null_in_json():
+    cands = list(report().candidates)
+    assert choose([float("nan"), 7.0], cands) == 1 and choose([6.0, float("inf")], cands) == 0
+    assert choose([6.0, 6.0], cands) == 0  # a tie goes to the shape closer to the budget
+    with pytest.raises(UserError, match="non-finite"):
+        choose([float("nan"), float("inf")], cands)
+    r = dataclasses.replace(report(), losses=(float("nan"), 6.25))
+    assert json.loads(json.dumps(r.to_json()))["candidates"][0]["score"] is None
+
+
+def test_memory_budget_adds_a_memory_column_and_field():
+    budget = Budget(params=200_000, memory=10**6, seq_length=64)
+    cands = tuple(Candidate(shape=c.shape, params=c.params, budget=budget, memory=budget.memory_of(c.shape))
+                  for c in report().candidates)
+    r = dataclasses.replace(report(), budget=budget, candidates=cands)
+    lines = r.table().splitlines()
+    assert lines[0].split()[3:5] == ["memory", "GiB"] and f"{cands[1].memory / 2**30:.4f}" in lines[2]
+    assert [c["memory_bytes"] for c in r.to_json()["candidates"]] == [c.memory for c in cands]
 
 
 def test_table_marks_exactly_the_chosen_row():

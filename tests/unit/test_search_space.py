@@ -211,6 +211,8 @@ def test_cli_dry_run_prints_the_table_and_writes_nothing(ckpt, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--target-params", "60%", "--prune-type", "global"], "drop --prune-type global"),
     (["--target-params", "60%", "--search-eval-samples", "0"], "--search-eval-samples must be >= 1"),
+    (["--hidden-size-remain", "32", "--width-multiple", "0", "--check-only"], "--width-multiple must be a positive"),
+    (["--target-params", "60%", "--width-multiple", "8", "--tp", "4", "--check-only"], "--tp 4, but .* tp=2"),
     (["--target-params", "60%", "--dry-run", "--hidden-size-remain", "32"], "do not also give sizes"),
     (["--dry-run", "--hidden-size-remain", "32"], "--dry-run goes with --target-params"),
     (["--target-params", "1000", "--dry-run"], r"tp2: no shape within 95-100% of 1,000 params at TP 2.*closest: "),
@@ -426,6 +428,20 @@ def test_cli_combined_budget_with_seq_and_batch(ckpt, capsys):
     for r in _rows(out):
         s = _shape_of(r)
         assert 0.95 * budget <= s.num_params() <= budget and memory(s, 64, 2) <= round(0.58 * src_mem)
+
+
+def test_a_budget_defaults_to_activation_importance(ckpt):
+    import argparse
+
+    from megatron_prune.cli.prune import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--load", str(ckpt / "tp2"), "--save", str(ckpt / "out")]
+    assert build_config(parser.parse_args(base + ["--target-params", "60%"])).importance == "activation"
+    assert build_config(parser.parse_args(base + ["--hidden-size-remain", "32"])).importance == "random"
+    given = base + ["--target-params", "60%", "--importance", "magnitude", "--max-depth-drop", "0"]
+    assert build_config(parser.parse_args(given)).importance == "magnitude"
 
 
 def test_cli_check_only_validates_the_budget_and_counts_the_candidates(ckpt, capsys):
