@@ -165,7 +165,8 @@ def render(r: dict, args) -> str:
         f"Command: `python benchmarks/budget_search.py{'' if args.recovery_iters else ' --recovery-iters 0'}` "
         f"(2-core CPU, TP={TP}, fp32). Budget {BUDGET:,} parameters (the demo's hand shape: 20 layers, hidden 480, "
         f"6 heads / 3 groups, FFN 1020). Importance: activation, {args.calib_samples} x 256 calibration tokens of "
-        f"train.jsonl; the search ranks its {args.candidates} closest shapes by loss on {args.eval_samples} further "
+        f"train.jsonl; the search ranks the closest shapes (at most {args.candidates}; {len(s['candidates'])} fit at "
+        f"width multiple {args.multiples[0]}) by loss on {args.eval_samples} further "
         f"windows of train.jsonl held apart from scoring. Perplexity below: {r['teacher']['tokens']:,} tokens of "
         f"heldout.jsonl (seen by neither). Unpruned: {ppl(r['teacher'])}.",
         "",
