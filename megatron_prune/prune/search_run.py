@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_prune.errors import InputError
 from megatron_prune.prune.plan import PrunePlan
-from megatron_prune.prune.search_space import Budget, Candidate, SearchLimits
+from megatron_prune.prune.search_space import Budget, Candidate, SearchLimits, align_table
 from megatron_prune.prune.select import PruneTarget, Scores
 
 SEARCH_FILE = "prune_search.json"
@@ -82,9 +82,7 @@ class SearchReport:
         rows += [(str(i), c.line(), f"{c.params:,}") + ((f"{c.memory / 2**30:.4f}",) if mem else ())
                  + (f"{loss:.4f}", "*" if i - 1 == self.chosen else "")
                  for i, (c, loss) in enumerate(zip(self.candidates, self.losses), 1)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                         for r in rows)
+        return align_table(rows)
 
 
 def _finite(x: float) -> float | None:
@@ -102,10 +100,7 @@ def split_windows(windows: torch.Tensor, scoring: int, held_out: int, source: st
 
 
 def candidate_spec(c: Candidate) -> PruneTarget:
-    s = c.shape
-    return PruneTarget(hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
-                       num_query_groups=s.num_query_groups, ffn_hidden_size=s.ffn_hidden_size,
-                       num_layers=s.num_layers, mode="balance")
+    return PruneTarget.of_shape(c.shape)
 
 
 def candidate_plan(method: str, scores: Scores | None, src, tp: int, c: Candidate, seed: int,

@@ -393,6 +393,11 @@ def format_table(cands: list[Candidate]) -> str:
         row += [f"{100 * c.params / b.params:.2f}%"] if b.params is not None else []
         row += [f"{c.memory / GIB:.4f}", f"{100 * c.memory / b.memory:.2f}%"] if b.memory is not None else []
         rows.append(tuple(row))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return align_table(rows)
+
+
+def align_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text: column 1 (the shape) left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.rjust(w) if i != 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
                      for r in rows)

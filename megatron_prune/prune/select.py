@@ -43,6 +43,13 @@ class PruneTarget:
     drop_layers: tuple[int, ...] = ()
     mode: str = "balance"
 
+    @classmethod
+    def of_shape(cls, shape: LlamaShape, mode: str = "balance") -> "PruneTarget":
+        """The target that keeps exactly `shape`'s sizes (layers chosen by scores)."""
+        return cls(hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+                   num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size,
+                   num_layers=shape.num_layers, mode=mode)
+
     def resolve(self, src: LlamaShape, tp: int) -> LlamaShape:
         """The target shape; raises PlanError naming every factor unless it is reachable from `src` at `tp`."""
         if self.mode not in MODES:
