@@ -17,6 +17,7 @@ from megatron_prune.errors import UserError
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30  # memory sizes (--target-memory-gb) are in GiB
 
 
 class ShapeError(UserError, ValueError):

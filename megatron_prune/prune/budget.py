@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_prune.checkpoint.atomic import GiB  # --target-memory-gb is in GiB (2^30 bytes)
-from megatron_prune.config.shape import LlamaShape, canonical_dtype, inference_memory_bytes
+from megatron_prune.config.shape import GiB, LlamaShape, canonical_dtype, inference_memory_bytes
 from megatron_prune.errors import UserError
 
 

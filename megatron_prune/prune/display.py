@@ -5,7 +5,7 @@ the search report's table (search_run.SearchReport.table) uses too, and the warn
 
 from __future__ import annotations
 
-from megatron_prune.checkpoint.atomic import GiB
+from megatron_prune.config.shape import GiB
 from megatron_prune.prune.budget import Budget
 from megatron_prune.prune.search_space import Candidate
 

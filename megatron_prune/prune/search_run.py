@@ -31,8 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.atomic import GiB
-from megatron_prune.config.shape import LlamaShape
+from megatron_prune.config.shape import GiB, LlamaShape
 from megatron_prune.errors import InputError
 from megatron_prune.model.agree import check_identical
 from megatron_prune.model.build import build_model, load_shard

@@ -30,8 +30,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from megatron_prune.checkpoint.atomic import GiB
-from megatron_prune.config.shape import PARAM_FIELDS, LlamaShape, ShapeError, count_params, hf_config_warning
+from megatron_prune.config.shape import PARAM_FIELDS, GiB, LlamaShape, ShapeError, count_params, hf_config_warning
 from megatron_prune.prune.budget import Budget, BudgetError
 from megatron_prune.prune.plan import PlanError
 from megatron_prune.prune.select import PruneTarget

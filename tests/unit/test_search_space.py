@@ -269,7 +269,8 @@ def memory(s: LlamaShape, seq: int, batch: int = 1) -> int:
 
 
 def test_parse_memory_and_the_kv_default():
-    from megatron_prune.prune.budget import GiB, make_budget, parse_memory_gb
+    from megatron_prune.config.shape import GiB
+    from megatron_prune.prune.budget import make_budget, parse_memory_gb
 
     assert GiB == 2**30 and parse_memory_gb("0.25") == 2**28 and parse_memory_gb(" 2 ") == 2**31
     for bad in ("abc", "0", "-1", "inf"):
