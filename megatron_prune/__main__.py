@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from megatron_prune.cli.common import name_env_flags, user_errors
+from megatron_prune.errors import EXIT_USER_ERROR
 
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     missing or bad flag is named with its variable: `--save (or SAVE)`."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {name_env_flags(message)} (see --help)\n")
+        quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun every rank parses: rank 0 says it, once
+        self.exit(EXIT_USER_ERROR, None if quiet else f"error: {name_env_flags(message)} (see --help)\n")
 
 
 def _available() -> dict[str, tuple[str, str]]:

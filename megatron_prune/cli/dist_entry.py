@@ -31,10 +31,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from megatron_prune.errors import EXIT_BUG, EXIT_USER_ERROR
 from megatron_prune.model.agree import RankFailure, is_user_error, one_line
 
 ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
-EXIT_USER, EXIT_BUG = 2, 1
 # How a rank's collective fails when a peer process died (gloo, NCCL, the TCP store).
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
@@ -91,8 +91,8 @@ def _report_agreed(e: RankFailure) -> int:
         if rank == 0:
             _say(f"error: {e.message}")
             if launched:
-                note_error(EXIT_USER, e.message)
-        return EXIT_USER
+                note_error(EXIT_USER_ERROR, e.message)
+        return EXIT_USER_ERROR
     if rank == e.rank:
         _say(f"rank {rank}: {e.trace or e.message}".rstrip())
         if launched:
@@ -102,14 +102,13 @@ def _report_agreed(e: RankFailure) -> int:
 
 def _report_local(e: Exception) -> int:
     rank, user = _rank(), is_user_error(e)
-    if not _distributed():
-        _say(f"error: {one_line(e)}" if user else traceback.format_exc().rstrip())
-        return EXIT_USER if user else EXIT_BUG
-    if getattr(e, "on_every_rank", False):
+    code = EXIT_USER_ERROR if user else EXIT_BUG
+    if not _distributed() or getattr(e, "on_every_rank", False):  # one process, or every rank alike: rank 0 says it
         if rank == 0:
             _say(f"error: {one_line(e)}" if user else traceback.format_exc().rstrip())
-            note_error(EXIT_USER if user else EXIT_BUG, one_line(e))
-        return EXIT_USER if user else EXIT_BUG
+            if os.environ.get(ERROR_DIR_ENV):  # under cli/launch.py (the shell scripts), even with one process
+                note_error(code, one_line(e))
+        return code
     peer = peer_error_code()
     if peer is not None and not user:  # a casualty of a peer that already said what went wrong
         _exit(peer)
@@ -119,8 +118,8 @@ def _report_local(e: Exception) -> int:
     else:
         message = one_line(e)
         _say(f"error: {message}" if user else f"rank {rank}: {traceback.format_exc().rstrip()}")
-    note_error(EXIT_USER if user else EXIT_BUG, message)
-    _exit(EXIT_USER if user else EXIT_BUG)
+    note_error(code, message)
+    _exit(code)
 
 
 def _exit(code: int):

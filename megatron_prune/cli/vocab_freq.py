@@ -7,7 +7,6 @@ from pathlib import Path
 
 from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.atomic import OutputExistsError, check_no_overlap, remove_stale_temps
-from megatron_prune.cli.common import user_errors
 
 
 def add_arguments(p) -> None:
@@ -23,7 +22,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.vocab.counts import count_tokens, write_counts
 

@@ -29,7 +29,10 @@ from megatron_prune.train.metrics import IntervalStats, MetricsWriter, default_p
 
 
 class TrainingAborted(UserError, RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient. The losses and the gradient norm are global,
+    so every rank raises it at the same step: reported once, by rank 0 (exit 2, cli.dist_entry)."""
+
+    on_every_rank = True
 
 
 @dataclass

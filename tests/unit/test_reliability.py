@@ -320,3 +320,42 @@ def test_a_single_file_write_is_fsynced_with_its_directory(tmp_path, monkeypatch
     assert any(".model_optim_rng.pt.tmp-" in p for p in synced) and str(tmp_path) in synced
     assert (tmp_path / "model_optim_rng.pt").read_bytes() == b"weights"
     assert [p.name for p in tmp_path.iterdir()] == ["model_optim_rng.pt"]
+
+
+# ------------------------------------------------------------------------------------- one contract, one place
+def test_the_contract_is_applied_once_by_main():
+    """__main__ wraps every subcommand in `user_errors`; a module that wraps its own `run` again is a second home
+    of the contract (issue 19). model.agree takes the rule from errors.py, not from the CLI layer above it."""
+    import importlib
+
+    from megatron_prune import __main__ as entry
+    from megatron_prune.model import agree
+
+    twice = [name for name, (module, _) in entry.SUBCOMMANDS.items()
+             if hasattr(importlib.import_module(module).run, "__wrapped__")]
+    assert twice == []
+    assert agree.user_error_message.__module__ == "megatron_prune.errors"
+
+
+def test_preprocess_user_error_is_one_line_through_main(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    rc = main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer",
+               str(REPO / "tests/data/mistral_tokenizer.model.v1"), "--output-prefix", str(tmp_path / "out"),
+               "--workers", "1", "--no-progress"])
+    assert rc == 2 and "invalid JSON" in _one_error_line(capsys.readouterr().err)
+
+
+def test_programming_error_in_the_reshard_writer_keeps_its_traceback(ckpts, tmp_path):
+    """The contract for the reshard writer: a bug inside its rank-file write is a traceback and exit 1 (never an
+    `error:` line), and its temporary output is removed; a full disk there is one line, exit 2
+    (test_simulated_enospc_in_a_rank_file_removes_partial_files)."""
+    code = ("import sys; import megatron_prune.checkpoint.megatron_io as mio\n"
+            "def boom(*a, **k): raise KeyError('internal')\n"
+            "mio.torch_save = boom\n"
+            "from megatron_prune.__main__ import main\n"
+            f"sys.exit(main(['reshard', '--load', {str(ckpts / 'mg')!r}, '--save', {str(tmp_path / 'out')!r}, "
+            "'--tp', '1', '--no-progress']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'internal'" in r.stderr, r.stderr[-2000:]
+    assert "error:" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
