@@ -52,7 +52,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "data_path": ("indexed dataset prefix(es): 'PREFIX ...' or weighted 'W1 PREFIX1 W2 PREFIX2 ...'", ()),
     "valid_data_path": ("separate validation blend (then --split is not used)", ()),
     "split": ("train,valid,test shares of --data-path documents", ()),
-    "data_cache_path": ("where megatron-core caches dataset indices (default: beside the data)", ()),
+    "data_cache_path": ("where megatron-core caches dataset indices (default: SAVE/dataset_cache; without --save, "
+                        "built in memory; never beside the data)", ()),
     "tokenizer": ("tokenizer (HF directory or SentencePiece .model; default: the files in --load)",
                   ("--tokenizer-model",)),
     "eod_mask_loss": ("no loss on end-of-document tokens", ()),
