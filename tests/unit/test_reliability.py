@@ -359,3 +359,35 @@ def test_programming_error_in_the_reshard_writer_keeps_its_traceback(ckpts, tmp_
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'internal'" in r.stderr, r.stderr[-2000:]
     assert "error:" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_while_writing_safetensors_is_one_line(ckpts, small_disk, monkeypatch, capsys):
+    """The HF writer (export, prune-hf, prune-vocab --hf-dir): safetensors reports a full disk as its own
+    SafetensorError, which used to pass every OS-error translation (a 25-line traceback). Now one line naming the
+    output, exit 2, and nothing left on the disk."""
+    disk = small_disk("300k")
+    import megatron_prune.checkpoint.convert_files as cf
+
+    monkeypatch.setattr(cf, "check_free_space", lambda *a: None)  # as if the estimate had been too low
+    rc = main(["convert", "megatron-to-hf", "--load", str(ckpts / "mg"), "--save", str(disk / "out"),
+               "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: no space left on device writing {disk / 'out'}"), line
+    assert list(disk.iterdir()) == []
+
+
+def test_simulated_full_disk_in_a_safetensors_shard_removes_partial_files(ckpts, tmp_path, monkeypatch, capsys):
+    """No mount needed: the shard write fails half-way as safetensors fails on ENOSPC."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    rc = main(["convert", "megatron-to-hf", "--load", str(ckpts / "mg"), "--save", str(tmp_path / "out"),
+               "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "no space left on device writing" in line and str(tmp_path / "out") in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
