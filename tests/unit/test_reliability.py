@@ -391,3 +391,28 @@ def test_simulated_full_disk_in_a_safetensors_shard_removes_partial_files(ckpts,
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "no space left on device writing" in line and str(tmp_path / "out") in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_legal_250_character_output_name_works(ckpts, tmp_path, capsys):
+    """NAME_MAX is 255 bytes: a 250-character output name is legal, but its siblings `.NAME.tmp-HOST-PID` and
+    `.NAME.megatron_prune.lock` were not (`File name too long`). Long names get shortened siblings (a prefix and a
+    hash of the whole name): the write works, its lock still refuses a second writer, a dead run's temporary is
+    still recognised and removed, and nothing is left beside the output."""
+    from megatron_prune.checkpoint.lock import output_lock
+
+    out = tmp_path / ("o" * 250)
+    with output_lock(out):
+        assert main(["convert", "hf-to-megatron", "--hf-dir", str(ckpts / "hf"), "--save", str(out),
+                     "--no-progress"]) == 2
+    assert "is locked by" in _one_error_line(capsys.readouterr().err)
+    stale = tmp_path / atomic.temp_name(out.name).replace(str(os.getpid()), str(_dead_pid()))
+    assert len(stale.name.encode()) <= 255
+    stale.mkdir()
+    rc = main(["convert", "hf-to-megatron", "--hf-dir", str(ckpts / "hf"), "--save", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"removed stale temporary {stale}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    other = tmp_path / ("o" * 249 + "p")  # another long name sharing the first 190 bytes: its own siblings
+    assert atomic.temp_name(other.name) != atomic.temp_name(out.name)
