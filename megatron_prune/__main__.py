@@ -7,10 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
 
-from megatron_prune.cli.common import name_env_flags, user_errors
+from megatron_prune.cli.common import name_env_flags, peer_rank, user_errors
 from megatron_prune.errors import EXIT_USER_ERROR
 
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
@@ -37,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
     missing or bad flag is named with its variable: `--save (or SAVE)`."""
 
     def error(self, message: str):
-        quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun every rank parses: rank 0 says it, once
+        quiet = peer_rank()  # under torchrun every rank parses the same arguments: rank 0 says it, once
         self.exit(EXIT_USER_ERROR, None if quiet else f"error: {name_env_flags(message)} (see --help)\n")
 
 

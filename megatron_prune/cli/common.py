@@ -23,6 +23,11 @@ def name_env_flags(message: str) -> str:
     return message
 
 
+def peer_rank() -> bool:
+    """A torchrun worker other than rank 0: a message every rank would print alike is left to rank 0."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("RANK", "0")) != 0
+
+
 def user_errors(run: Callable[..., int]) -> Callable[..., int]:
     """Decorator for `run(args)`: user errors print `error: ...` (no traceback) and return 2; others propagate.
     Ctrl-C prints `error: interrupted` and returns 130 (writers have removed their partial output by then)."""
@@ -38,7 +43,7 @@ def user_errors(run: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets the SIGINT
+            if not peer_rank():  # under torchrun every rank gets the SIGINT: rank 0 says it
                 print("error: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
 

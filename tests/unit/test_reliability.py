@@ -416,3 +416,20 @@ def test_a_legal_250_character_output_name_works(ckpts, tmp_path, capsys):
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     other = tmp_path / ("o" * 249 + "p")  # another long name sharing the first 190 bytes: its own siblings
     assert atomic.temp_name(other.name) != atomic.temp_name(out.name)
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C is handled once, by the shared contract (it was preprocess's own try/except): `error: interrupted`,
+    exit 130, and the writer's partial output is gone."""
+    import megatron_prune.data.preprocess as pre
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pre, "write_dataset", interrupted)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    rc = main(["preprocess", "--input", str(tmp_path / "a.jsonl"), "--tokenizer",
+               str(REPO / "tests/data/mistral_tokenizer.model.v1"), "--output-prefix", str(tmp_path / "out" / "ds"),
+               "--workers", "1", "--no-progress"])
+    assert rc == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
