@@ -23,6 +23,10 @@ def name_env_flags(message: str) -> str:
     return message
 
 
+# Set by cli/launch.py for its torchrun workers: where each rank notes the error it reported (cli/dist_entry.py).
+ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
+
+
 def peer_rank() -> bool:
     """A torchrun worker other than rank 0: a message every rank would print alike is left to rank 0."""
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("RANK", "0")) != 0

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_prune.cli.dist_entry import ERROR_DIR_ENV, read_errors
-from megatron_prune.errors import EXIT_BUG, EXIT_USER_ERROR
+from megatron_prune.errors import EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +37,6 @@ def _summary(e, errors: Path) -> int:
     rank, failure = e.get_first_failure()
     if reported and (rank in reported or failure.exitcode >= 0):  # (ranks that agreed on a failure exit quietly)
         return max(code for code, _ in reported.values())
-    if failure.exitcode == EXIT_USER_ERROR:  # the contract: exit 2 comes after its one line (e.g. a usage error)
-        return EXIT_USER_ERROR
     # the first rank to fail said nothing: killed (e.g. by the OOM killer) or died in native code
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
     print(f"error: worker rank {rank} (pid {failure.pid}) {how} without a report", file=sys.stderr)
