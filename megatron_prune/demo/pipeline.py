@@ -23,15 +23,42 @@ class StageLog:
         self.rows.append((name, seconds, note))
         print(f"[demo] {name}: {seconds:.1f} s {note}", flush=True)
 
-    def table(self) -> str:
-        width = max(len(r[0]) for r in self.rows)
-        lines = [f"| {'stage'.ljust(width)} | time (s) | result |", f"|{'-' * (width + 2)}|---------:|--------|"]
-        lines += [f"| {n.ljust(width)} | {s:8.1f} | {note} |" for n, s, note in self.rows]
-        return "\n".join(lines)
 
 
 class StageError(RuntimeError):
     pass
+
+
+# Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction
+# order depends on its thread count, and the recovery training carries a last-bit difference in one step into
+# different weights (issue 23). 1 per torchrun worker (the demo's launches fill 2 cores), 2 for a single process.
+WORKER_THREADS, SINGLE_THREADS = 1, 2
+
+
+def numeric_env(nproc: int) -> dict[str, str]:
+    """Environment that fixes a stage's CPU arithmetic: OpenMP and MKL thread counts, no dynamic thread
+    adjustment (MKL may otherwise use fewer threads than asked)."""
+    threads = str(WORKER_THREADS if nproc else SINGLE_THREADS)
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+
+
+def environment() -> dict:
+    """What decides the demo's floating-point results besides its code and seed, for demo_results.json."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": {"torchrun worker": WORKER_THREADS, "single process": SINGLE_THREADS}}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict | None = None) -> str:
@@ -41,8 +68,7 @@ def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict 
         # cli.launch = torchrun, minus torchrun's traceback wall when a worker already said what went wrong
         cmd = [sys.executable, "-m", "megatron_prune.cli.launch", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_prune", *args]
-    threads = max(1, (os.cpu_count() or 2) // max(nproc, 1))
-    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {**os.environ, **numeric_env(nproc), "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,9 @@ class DemoPlan:
     global_batch: int = 8
     lr: float = 1e-3
     eval_iters: int = 4          # validation batches at the end of training (the held-out text is evaluated apart)
+    kd_temperature: float = 1.0  # distillation recipe: benchmarks/kd_sweep.py (RESULTS.md) chose it
+    kd_alpha: float = 1.0        # weight of the KD loss (1 - alpha: the LM loss)
+    seed: int = 1234             # training data order
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -75,7 +78,8 @@ def train(student: Path, teacher: Path | None, data: str, tokenizer: Path, out: 
           log: Path) -> None:
     """Distillation from the unpruned teacher (LM loss alone when teacher is None) on the shipped training text,
     2 data-parallel ranks."""
-    kd = ["--teacher-load", str(teacher), "--kd-alpha", "1.0"] if teacher is not None else []
+    kd = ["--teacher-load", str(teacher), "--kd-alpha", str(plan.kd_alpha), "--kd-temperature",
+          str(plan.kd_temperature)] if teacher is not None else []
     shutil.rmtree(out, ignore_errors=True)  # `train` resumes from a checkpoint in --save: start afresh each run
     run_cli(["train", "--load", str(student), "--save", str(out), *kd, "--data-path", data,
              "--tokenizer", str(tokenizer), "--split", "98,2,0",
@@ -83,7 +87,8 @@ def train(student: Path, teacher: Path | None, data: str, tokenizer: Path, out: 
              "--global-batch-size", str(plan.global_batch), "--seq-length", str(plan.seq_length),
              "--train-iters", str(plan.train_iters), "--lr", str(plan.lr), "--min-lr", str(plan.lr / 10),
              "--lr-warmup-iters", str(max(1, plan.train_iters // 10)), "--log-interval", "2",
-             "--eval-interval", "0", "--eval-iters", str(plan.eval_iters), "--fp32"], nproc=2, log=log)
+             "--eval-interval", "0", "--eval-iters", str(plan.eval_iters), "--seed", str(plan.seed), "--fp32"],
+            nproc=2, log=log)
 
 
 def evaluate(ckpt: Path, heldout: Path, tokens: int, nproc: int, log: Path, tokenizer: Path | None = None) -> dict:
