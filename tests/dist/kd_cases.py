@@ -31,7 +31,8 @@ def _loss_step(case: dict, info, student, teacher, meta) -> dict:
     student.zero_grad(set_to_none=True)
     total.backward()
     params = dict(student.named_parameters())
-    lm_sum, kd_sum, n = report["sums"].tolist()
+    sums = report["sums"].tolist()  # [student LM, KD, (teacher LM: evaluation only,) tokens]
+    lm_sum, kd_sum, n = sums[0], sums[1], sums[-1]
     return {"lm_sum": lm_sum, "kd_sum": kd_sum, "tokens": n, "total": float(total),
             "logits_changed": float((output.detach() - before).abs().max()),
             "grads": {k: params[k].grad.clone() for k in GRAD_KEYS} if case["grads"] else None}
