@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from megatron_prune.demo import stages
-from quality_report import SAMPLES, prepare, pruned_start, recover  # benchmarks/ is the script's directory
+from common import write_section  # benchmarks/ is the script's directory
+from quality_report import in_work, prepare, pruned_start, recover
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 VARIANTS = [(1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.5)]  # (temperature, alpha)
 
 
@@ -41,8 +38,10 @@ def run(args, work: Path) -> dict:
         r = recover(work, base, start, f"KD T={temperature:g} alpha={alpha:g}", True, variant, args.eval_tokens, log)
         final = [json.loads(line) for line in Path(r["metrics"]).read_text().splitlines()][-1]
         runs.append({**r, "temperature": temperature, "alpha": alpha, "validation": final})
-    return {"teacher": base["teacher"], "pruned": start["pruned"], "iters": plan.train_iters,
+    results = {"teacher": base["teacher"], "pruned": start["pruned"], "iters": plan.train_iters,
             "tokens": plan.train_iters * plan.global_batch * plan.seq_length, "seed": plan.seed, "runs": runs}
+    (work / "kd_sweep.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
 
 
 def render(r: dict, args) -> str:
@@ -67,17 +66,6 @@ def render(r: dict, args) -> str:
         "(megatron_prune/demo/stages.py DemoPlan)."])
 
 
-def write(body: str) -> None:
-    start, end = "<!-- kd-sweep -->", "<!-- /kd-sweep -->"
-    text = RESULTS.read_text()
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=60, help="recovery iterations per variant (default 60, the demo's)")
@@ -86,20 +74,11 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--no-write", action="store_true", help="print without writing RESULTS.md")
     args = ap.parse_args()
-    if not (SAMPLES / "train.jsonl").is_file():
-        raise SystemExit(f"error: {SAMPLES / 'train.jsonl'} not found")
-    work = Path(args.work or tempfile.mkdtemp(prefix="kd_sweep_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        results = run(args, work)
-        body = render(results, args)
-        print(body)
-        (work / "kd_sweep.json").write_text(json.dumps(results, indent=1, default=str))
-        if not args.no_write:
-            write(body)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    results = in_work(args.work, "kd_sweep_", lambda work: run(args, work))
+    body = render(results, args)
+    print(body)
+    if not args.no_write:
+        write_section("kd-sweep", body)
     return 0
 
 

@@ -214,17 +214,22 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--no-write", action="store_true", help="print without writing docs/ and README.md")
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="quality_"))
+    body, results = in_work(args.work, "quality_", lambda work: run_report(args, work))
+    print(body)
+    if not args.no_write:
+        write_outputs(body, results)
+    return 0
+
+
+def in_work(work_arg: str | None, prefix: str, fn):
+    """fn(work directory): `work_arg` (kept) or a temporary directory (removed afterwards)."""
+    work = Path(work_arg or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        body, results = run_report(args, work)
-        print(body)
-        if not args.no_write:
-            write_outputs(body, results)
+        return fn(work)
     finally:
-        if args.work is None:
+        if work_arg is None:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
