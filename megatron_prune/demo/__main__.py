@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from megatron_prune.demo import stages
-from megatron_prune.demo.pipeline import (SINGLE_THREADS, StageError, StageLog, environment, last_json, run_cli,
-                                          timed)
+from megatron_prune.demo.pipeline import (SINGLE_THREADS, StageError, StageLog, environment, last_json,
+                                          numeric_env, run_cli, timed)
 from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -94,6 +95,8 @@ def compare_tensors(a_dir: Path, b_dir: Path) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # this process too (HF evaluation runs here): torch reads the kernel and thread settings when it starts
+    os.environ.update(numeric_env(0))
     out, cache = Path(args.out).resolve(), Path(args.cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "demo.log"

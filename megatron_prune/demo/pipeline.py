@@ -30,16 +30,30 @@ class StageError(RuntimeError):
 
 
 # Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction
-# order depends on its thread count, and the recovery training carries a last-bit difference in one step into
+# order can depend on its thread count, and the recovery training carries a last-bit difference in one step into
 # different weights (issue 23). 1 per torchrun worker (the demo's launches fill 2 cores), 2 for a single process.
 WORKER_THREADS, SINGLE_THREADS = 1, 2
+# torch's CPU kernels come in AVX2 and AVX-512 builds whose results differ in the last bits; torch picks the widest
+# the CPU has. Measured (issue 23): the same recovery gave held-out perplexity 257.15 with the AVX-512 kernels of
+# an AMD EPYC and 107.62 with its AVX2 kernels, the number of a machine without AVX-512. Pinned to AVX2, which
+# every x86-64 CPU of the last decade has, so AVX2 and AVX-512 machines compute the same numbers.
+KERNELS = "avx2"
 
 
 def numeric_env(nproc: int) -> dict[str, str]:
     """Environment that fixes a stage's CPU arithmetic: OpenMP and MKL thread counts, no dynamic thread
-    adjustment (MKL may otherwise use fewer threads than asked)."""
+    adjustment (MKL may otherwise use fewer threads than asked), and torch's kernel ISA where the CPU has it."""
     threads = str(WORKER_THREADS if nproc else SINGLE_THREADS)
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+    if KERNELS in cpu_flags():
+        env["ATEN_CPU_CAPABILITY"] = KERNELS
+    return env
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 Linux); empty where /proc/cpuinfo has none (then nothing is pinned)."""
+    line = next((line for line in _read("/proc/cpuinfo").splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def environment() -> dict:
@@ -50,7 +64,7 @@ def environment() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": {"torchrun worker": WORKER_THREADS, "single process": SINGLE_THREADS}}
 
 

@@ -23,7 +23,9 @@ class DemoPlan:
     train_iters: int = 60
     seq_length: int = 128
     global_batch: int = 8
-    lr: float = 1e-3
+    # 1e-3 was bistable: the same 60 iterations ended at held-out ppl 257.15 with torch's AVX-512 kernels
+    # (grad-norm spikes up to 299 from iteration 32 on) and 107.62 with its AVX2 ones (issue 23)
+    lr: float = 5e-4
     eval_iters: int = 4          # validation batches at the end of training (the held-out text is evaluated apart)
     kd_temperature: float = 1.0  # distillation recipe: benchmarks/kd_sweep.py (RESULTS.md) chose it
     kd_alpha: float = 1.0        # weight of the KD loss (1 - alpha: the LM loss)
@@ -34,7 +36,7 @@ class DemoPlan:
         # Recovery is most of the quick demo's time, at ~9 s per 1,024-token iteration on 2 cores. 8 iterations of
         # 512 tokens took the held-out perplexity from 1312 to 491 (< 0.4x) in 51 s; 8 of 1,024 tokens reached 227
         # in 100 s. The quick demo claims "clearly lower" (< 0.7x), not the full run's quality.
-        return cls(calib_samples=8, train_iters=8, global_batch=4, eval_iters=1)
+        return cls(calib_samples=8, train_iters=8, global_batch=4, eval_iters=1, lr=1e-3)
 
     def target_args(self, dropped_layers: list[int] | None = None) -> list[str]:
         """The pruner's size arguments; `dropped_layers` names the layers to drop instead of letting it choose."""

@@ -75,3 +75,13 @@ def test_every_stage_process_gets_the_same_thread_settings(monkeypatch, cores, c
     assert (worker["OMP_NUM_THREADS"], worker["MKL_NUM_THREADS"]) == ("1", "1")
     assert (single["OMP_NUM_THREADS"], single["MKL_NUM_THREADS"]) == ("2", "2")
     assert worker["MKL_DYNAMIC"] == single["MKL_DYNAMIC"] == "FALSE"
+
+
+@pytest.mark.parametrize("flags,kernels", [({"sse2", "avx2", "avx512f"}, "avx2"), ({"sse2", "avx2"}, "avx2"),
+                                           (set(), None)])
+def test_torch_kernels_pinned_to_avx2_where_the_cpu_has_it(monkeypatch, flags, kernels):
+    """AVX-512 and AVX2 machines run the same (AVX2) kernels; a CPU without AVX2 (or not x86) is left alone."""
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: flags)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    assert pipeline.numeric_env(2).get("ATEN_CPU_CAPABILITY") == kernels
+    assert pipeline.numeric_env(0).get("ATEN_CPU_CAPABILITY") == kernels
