@@ -1,8 +1,8 @@
 """The demo's recovery stage is deterministic for a given seed (issue 23): run twice through the demo's own stage
 function (the `train` CLI under torchrun, distillation, 2 data-parallel ranks) on a tiny LLaMA, once as on a
 2-core machine and once as on a 16-core machine that is busy (a CPU-burning process beside it, the caller's
-OMP_NUM_THREADS set otherwise): every iteration's losses and gradient norm, the validation losses and the trained
-weights must be identical."""
+OMP_NUM_THREADS and torch kernel choice set otherwise): every iteration's losses and gradient norm, the validation
+losses and the trained weights must be identical. (On an AVX-512 CPU, unpinned kernels fail this test.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.demo import stages
+from megatron_prune.demo import pipeline, stages
 
 pytestmark = pytest.mark.dist
 SAMPLES = Path(__file__).resolve().parents[2] / "megatron_prune" / "data" / "samples"
@@ -51,9 +51,14 @@ def recover(tiny: dict, name: str) -> tuple[list[dict], dict[str, torch.Tensor]]
 
 
 def test_recovery_stage_is_identical_under_other_cores_threads_and_load(tiny, monkeypatch):
+    flags = pipeline.cpu_flags()
+    if "avx2" in flags:  # as on a CPU without AVX-512
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     first, first_weights = recover(tiny, "run1")
     monkeypatch.setattr(os, "cpu_count", lambda: 16)  # the demo once derived thread counts from this
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    if "avx512f" in flags:  # torch's own choice on an AVX-512 CPU
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         second, second_weights = recover(tiny, "run2")
