@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from megatron_prune.demo import stages
-from megatron_prune.demo.pipeline import (SINGLE_THREADS, StageError, StageLog, environment, last_json,
-                                          numeric_env, run_cli, timed)
+from megatron_prune.demo.pipeline import (StageError, StageLog, environment, last_json, numeric_env, run_cli,
+                                          threads_per_process, timed)
 from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -72,7 +72,7 @@ def hf_eval(hf_dir: Path, text: Path, seq: int, max_tokens: int) -> dict:
     from megatron_prune.cli.eval import read_windows
     from megatron_prune.model.evaluate import evaluate_hf
 
-    torch.set_num_threads(SINGLE_THREADS)  # fixed, as in every process the demo starts (pipeline.numeric_env)
+    torch.set_num_threads(threads_per_process(1))  # fixed, as in every process the demo starts (numeric_env)
     windows = read_windows(str(text), str(hf_dir), seq, max_tokens)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return evaluate_hf(model, windows).to_dict()

@@ -31,8 +31,9 @@ class StageError(RuntimeError):
 
 # Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction
 # order can depend on its thread count, and the recovery training carries a last-bit difference in one step into
-# different weights (issue 23). 1 per torchrun worker (the demo's launches fill 2 cores), 2 for a single process.
-WORKER_THREADS, SINGLE_THREADS = 1, 2
+# different weights (issue 23). The demo's 2-core budget split over a stage's processes: 2 for one process, 1 each
+# for 2 or 3 torchrun workers (what a 2-core machine gave when this followed os.cpu_count()).
+CORES = 2
 # torch's CPU kernels come in AVX2 and AVX-512 builds whose results differ in the last bits; torch picks the widest
 # the CPU has. Measured (issue 23): the same recovery gave held-out perplexity 257.15 with the AVX-512 kernels of
 # an AMD EPYC and 107.62 with its AVX2 kernels, the number of a machine without AVX-512. Pinned to AVX2, which
@@ -43,11 +44,15 @@ KERNELS = "avx2"
 def numeric_env(nproc: int) -> dict[str, str]:
     """Environment that fixes a stage's CPU arithmetic: OpenMP and MKL thread counts, no dynamic thread
     adjustment (MKL may otherwise use fewer threads than asked), and torch's kernel ISA where the CPU has it."""
-    threads = str(WORKER_THREADS if nproc else SINGLE_THREADS)
+    threads = str(threads_per_process(nproc))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
     if KERNELS in cpu_flags():
         env["ATEN_CPU_CAPABILITY"] = KERNELS
     return env
+
+
+def threads_per_process(nproc: int) -> int:
+    return max(1, CORES // max(nproc, 1))
 
 
 def cpu_flags() -> set[str]:
@@ -65,7 +70,7 @@ def environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "threads": {"torchrun worker": WORKER_THREADS, "single process": SINGLE_THREADS}}
+            "threads_per_process": {n: threads_per_process(n) for n in (1, 2, 3)}}
 
 
 def _read(path: str) -> str:

@@ -69,12 +69,11 @@ def test_every_stage_process_gets_the_same_thread_settings(monkeypatch, cores, c
     if caller:
         monkeypatch.setenv("OMP_NUM_THREADS", caller)
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or Done())
-    pipeline.run_cli(["eval"], nproc=2)
-    pipeline.run_cli(["eval"])
-    worker, single = seen
-    assert (worker["OMP_NUM_THREADS"], worker["MKL_NUM_THREADS"]) == ("1", "1")
-    assert (single["OMP_NUM_THREADS"], single["MKL_NUM_THREADS"]) == ("2", "2")
-    assert worker["MKL_DYNAMIC"] == single["MKL_DYNAMIC"] == "FALSE"
+    for nproc in (0, 1, 2, 3):
+        pipeline.run_cli(["eval"], nproc=nproc)
+    assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in seen] == [("2", "2"), ("2", "2"),
+                                                                                 ("1", "1"), ("1", "1")]
+    assert all(env["MKL_DYNAMIC"] == env["OMP_DYNAMIC"] == "FALSE" for env in seen)
 
 
 @pytest.mark.parametrize("flags,kernels", [({"sse2", "avx2", "avx512f"}, "avx2"), ({"sse2", "avx2"}, "avx2"),
