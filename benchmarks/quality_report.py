@@ -109,16 +109,26 @@ def prepare(work: Path, plan: stages.DemoPlan, eval_tokens: int, log: Path) -> d
 
 def recover(work: Path, base: dict, start: dict, label: str, kd: bool, plan: stages.DemoPlan, eval_tokens: int,
             log: Path) -> dict:
-    """One recovery run from `start` with `plan`'s recipe, then held-out perplexity (megatron-core, 2 ranks)."""
-    name = re.sub(r"\W+", "_", f"{label} seed {plan.seed}").strip("_")
-    out, t0 = work / "runs" / name, time.perf_counter()
-    stages.train(start["ckpt"], work / "teacher-tp1" if kd else None, base["data"], base["hf"], out, plan, log)
+    """One recovery run from `start` with `plan`'s recipe, then held-out perplexity (megatron-core, 2 ranks).
+    A finished run of the same start and recipe in `work` (this report's or kd_sweep.py's) is reused."""
+    out = work / "runs" / run_name(start["ckpt"].name, kd, plan)
+    done = out / "recovery.json"
+    if not done.is_file():
+        t0 = time.perf_counter()
+        stages.train(start["ckpt"], work / "teacher-tp1" if kd else None, base["data"], base["hf"], out, plan, log)
+        done.write_text(json.dumps({"train_seconds": time.perf_counter() - t0}))
+    seconds = json.loads(done.read_text())["train_seconds"]
     res = stages.evaluate(out, SAMPLES / "heldout.jsonl", eval_tokens, 2, log, base["hf"])
-    seconds = time.perf_counter() - t0
     log_step(f"{label} (seed {plan.seed}): ppl {start['pruned']['perplexity']:.2f} -> {res['perplexity']:.2f} "
-             f"({seconds:.0f} s)")
+             f"({seconds:.0f} s training)")
     return {"label": label, "seed": plan.seed, "kd": kd, "before": start["pruned"], "after": res,
             "seconds": seconds, "metrics": str(out / "metrics.jsonl")}
+
+
+def run_name(start: str, kd: bool, plan: stages.DemoPlan) -> str:
+    """Everything that decides a recovery run's weights (not its evaluation)."""
+    loss = f"kd-T{plan.kd_temperature:g}-a{plan.kd_alpha:g}" if kd else "lm"
+    return f"{start}-{loss}-lr{plan.lr:g}-it{plan.train_iters}-gbs{plan.global_batch}-seed{plan.seed}"
 
 
 def run_report(args, work: Path) -> tuple[str, dict]:
