@@ -39,7 +39,8 @@ def run(args, work: Path) -> dict:
         final = [json.loads(line) for line in Path(r["metrics"]).read_text().splitlines()][-1]
         runs.append({**r, "temperature": temperature, "alpha": alpha, "validation": final})
     results = {"teacher": base["teacher"], "pruned": start["pruned"], "iters": plan.train_iters,
-            "tokens": plan.train_iters * plan.global_batch * plan.seq_length, "seed": plan.seed, "runs": runs}
+            "tokens": plan.train_iters * plan.global_batch * plan.seq_length, "seed": plan.seed, "lr": plan.lr,
+            "runs": runs}
     (work / "kd_sweep.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
@@ -57,10 +58,13 @@ def render(r: dict, args) -> str:
         f"Command: `python benchmarks/kd_sweep.py --iters {r['iters']}` (2-core CPU, shared). Start: the demo's "
         f"activation-pruned SmolLM2 (held-out perplexity {r['pruned']['perplexity']:,.2f}; teacher "
         f"{r['teacher']['perplexity']:.2f}). Each run: {r['iters']} iterations = {r['tokens']:,} tokens of the shipped "
-        f"train.jsonl in the same order (seed {r['seed']}), the demo's recipe; loss = alpha * T^2 * KL(teacher || "
+        f"train.jsonl in the same order (seed {r['seed']}), the demo's recipe (AdamW lr {r['lr']:g} cosine to "
+        f"{r['lr'] / 10:g}, warmup {max(1, r['iters'] // 10)}, global batch 8 x 128, fp32, 2 ranks); "
+        "loss = alpha * T^2 * KL(teacher || "
         "student at temperature T) + (1 - alpha) * LM loss. Held-out: "
         f"{r['teacher']['tokens']:,} tokens of heldout.jsonl; validation: the last 2% of train.jsonl, 4 batches. "
-        "One seed per variant: for the seed-to-seed spread of this recipe see the README's quality report.", "",
+        "One seed per variant: for the seed-to-seed spread of this recipe see the README's quality report. "
+        "time (s): training and held-out evaluation, on a machine shared with other jobs.", "",
         *rows, "",
         f"Best: temperature {best['temperature']:g}, alpha {best['alpha']:g} - the demo's default "
         "(megatron_prune/demo/stages.py DemoPlan)."])
