@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from megatron_prune.demo import stages
-from megatron_prune.demo.pipeline import StageError, StageLog, last_json, run_cli, timed
+from megatron_prune.demo.pipeline import (StageError, StageLog, environment, last_json, numeric_env, run_cli,
+                                          threads_per_process, timed)
+from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -69,7 +72,7 @@ def hf_eval(hf_dir: Path, text: Path, seq: int, max_tokens: int) -> dict:
     from megatron_prune.data.text import read_windows
     from megatron_prune.model.evaluate import evaluate_hf
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_process(1))  # fixed, as in every process the demo starts (numeric_env)
     windows = read_windows(str(text), str(hf_dir), seq, max_tokens)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return evaluate_hf(model, windows).to_dict()
@@ -92,6 +95,8 @@ def compare_tensors(a_dir: Path, b_dir: Path) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # this process too (HF evaluation runs here): torch reads the kernel and thread settings when it starts
+    os.environ.update(numeric_env(0))
     out, cache = Path(args.out).resolve(), Path(args.cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "demo.log"
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     except StageError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
-    report(log, source, mg_eval, hf_res, same, total, out, recovery)
+    report(log, source, mg_eval, hf_res, same, total, out, recovery, args.quick)
     ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
     return 0 if ok and (recovery is None or recovery["recovered"]["loss"] < recovery["pruned"]["loss"]) else 1
 
@@ -155,34 +160,22 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
         stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
     except StageError as e:
         print(f"[demo] no loss plot: {e}", file=sys.stderr)
-    return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec}
+    return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec,
+            "kd": {"temperature": plan.kd_temperature, "alpha": plan.kd_alpha, "seed": plan.seed,
+                   "iterations": plan.train_iters}}
 
 
 def report(log: StageLog, source: str, mg_eval: dict, hf_res: dict, same: int, total: int, out: Path,
-           recovery: dict | None) -> None:
-    lines = ["", "## megatron_prune demo", "", f"Model: {source}", "", log.table(), "",
-             "| held-out text (botchan, never trained on) | loss | perplexity | tokens |", "|---|---:|---:|---:|",
-             f"| megatron-core, TP shards | {mg_eval['loss']:.6f} | {mg_eval['perplexity']:.3f} | {mg_eval['tokens']} |",
-             f"| HF transformers | {hf_res['loss']:.6f} | {hf_res['perplexity']:.3f} | {hf_res['tokens']} |", "",
-             f"|loss difference| = {abs(mg_eval['loss'] - hf_res['loss']):.2e}; export back to HF: "
-             f"{same}/{total} tensors bit-identical."]
-    if recovery:
-        p = recovery["prune"]
-        lines += ["", "| model | parameters | held-out loss | perplexity |", "|---|---:|---:|---:|",
-                  f"| original (teacher) | {p['params_before']:,} | {mg_eval['loss']:.4f} | "
-                  f"{mg_eval['perplexity']:.2f} |",
-                  f"| pruned (activation, balance) | {p['params_after']:,} | {recovery['pruned']['loss']:.4f} | "
-                  f"{recovery['pruned']['perplexity']:.2f} |",
-                  f"| after recovery (KD) | {p['params_after']:,} | {recovery['recovered']['loss']:.4f} | "
-                  f"{recovery['recovered']['perplexity']:.2f} |",
-                  f"| after recovery, exported to HF | {p['params_after']:,} | "
-                  f"{recovery['recovered_hf']['loss']:.4f} | {recovery['recovered_hf']['perplexity']:.2f} |"]
-    text = "\n".join(lines)
-    print(text)
-    (out / "demo_report.md").write_text(text + "\n")
-    (out / "demo_results.json").write_text(json.dumps({"model": source, "megatron": mg_eval, "hf": hf_res,
-                                                       "recovery": recovery,
-                                                       "identical_tensors": [same, total]}, indent=2))
+           recovery: dict | None, quick: bool) -> None:
+    """Print and write the run's tables (demo_report.md, demo_results.json), then how they compare with the
+    README's numbers (megatron_prune/demo/reference.json)."""
+    results = {"model": source, "quick": quick, "stages": log.rows, "megatron": mg_eval, "hf": hf_res,
+               "identical_tensors": [same, total], "recovery": recovery, "environment": environment()}
+    text = "\n".join(["", "## megatron_prune demo", "", f"Model: {source}", "", render_tables(results)])
+    comparison, _ = compare(results)
+    print(text + "\n" + comparison)
+    (out / "demo_report.md").write_text(text + "\n" + comparison + "\n")
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -225,7 +225,10 @@ def _build_teacher(cfg: TrainConfig, info, meta: mio.CheckpointMeta):
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _forward_step(session: Session, teacher_queue: deque | None, data_iter: Iterator, model):
+def _forward_step(session: Session, teacher_queue: deque | None, data_iter: Iterator, model,
+                  teacher_lm: bool = False):
+    """One micro-batch: the student's output and its loss function. Reported sums: [student LM, KD, teacher LM
+    (when `teacher_lm`: evaluation), tokens]."""
     from megatron_prune.model.forward import causal_mask, token_losses
     from megatron_prune.train.distill import kd_token_losses
 
@@ -243,23 +246,28 @@ def _forward_step(session: Session, teacher_queue: deque | None, data_iter: Iter
     cfg = session.cfg
 
     def loss_func(logits: torch.Tensor):
+        # token_losses leaves `logits` as it was (it gives the in-place cross entropy its own copy), so the KD
+        # term below reads the student's logits, not the softmax megatron-core writes (issue 21).
         loss_mask = batch["loss_mask"].float()
         lm = token_losses(logits, batch["labels"], session.true_vocab) * loss_mask
-        total, kd_sum = lm.sum(), torch.zeros(())
+        total, kd_sum, teacher_sum = lm.sum(), torch.zeros(()), torch.zeros(())
         if teacher_logits is not None:
             kd = kd_token_losses(logits, teacher_logits, session.true_vocab, cfg.kd_temperature) * loss_mask
             total = cfg.kd_alpha * kd.sum() + (1.0 - cfg.kd_alpha) * lm.sum()
             kd_sum = kd.sum().detach()
+            if teacher_lm:
+                teacher_sum = (token_losses(teacher_logits, batch["labels"], session.true_vocab) * loss_mask).sum()
         n = loss_mask.sum()
-        report = torch.stack([lm.sum().detach(), kd_sum, n]).double()
+        report = torch.stack([lm.sum().detach(), kd_sum, teacher_sum, n]).double()
         return total, n.to(torch.int), {"sums": report}
 
     return output, loss_func
 
 
 def _reduce_sums(session: Session, results: list[dict]) -> torch.Tensor:
-    """[lm_sum, kd_sum, tokens] of the global batch, known on every rank (one all-reduce over the world)."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    """[lm_sum, kd_sum, teacher_lm_sum, tokens] of the global batch, known on every rank (one all-reduce over
+    the world)."""
+    sums = torch.zeros(4, dtype=torch.float64)
     if session.info.is_last_stage and session.info.tp_rank == 0:
         for r in results:
             sums += r["sums"].cpu()
@@ -278,7 +286,8 @@ def _run_schedule(session: Session, batches: list[dict], forward_only: bool) -> 
     if session.teacher is not None and session.info.pp > 1:
         queue = deque(teacher_logits_pipelined(session.teacher, batches, cfg.seq_length, cfg.micro_batch_size))
     results = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, session, queue), data_iterator=iter(batches), model=[session.model],
+        forward_step_func=partial(_forward_step, session, queue, teacher_lm=forward_only),
+        data_iterator=iter(batches), model=[session.model],
         num_microbatches=len(batches), seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
         forward_only=forward_only)
     return _reduce_sums(session, results or [])
@@ -316,7 +325,7 @@ def train_step(session: Session, batches: list[dict]) -> StepResult:
     session.optimizer.zero_grad()
     session.model.train()
     sums = _run_schedule(session, batches, forward_only=False)
-    lm_sum, kd_sum, tokens = sums.tolist()
+    lm_sum, kd_sum, _, tokens = sums.tolist()
     tokens = max(tokens, 1.0)
     loss = (session.cfg.kd_alpha * kd_sum + (1 - session.cfg.kd_alpha) * lm_sum) if session.teacher else lm_sum
     lr = _current_lr(session)  # the rate this update uses (the scheduler then moves on)
@@ -335,7 +344,7 @@ def _current_lr(session: Session) -> float:
 
 
 def eval_step(session: Session, batches: list[dict]) -> torch.Tensor:
-    """[lm_sum, kd_sum, tokens] of one global validation batch (no gradients)."""
+    """[lm_sum, kd_sum, teacher_lm_sum, tokens] of one global validation batch (no gradients)."""
     session.model.eval()
     with torch.no_grad():
         sums = _run_schedule(session, batches, forward_only=True)
@@ -348,13 +357,14 @@ def evaluate(session: Session) -> dict[str, float] | None:
     time, so evaluations are comparable)."""
     if session.data.valid is None:
         return None
-    total = torch.zeros(3, dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64)
     for k in range(session.cfg.eval_iters):
         total += eval_step(session, micro_batches(session.data.valid, session.plan, k * session.plan.global_batch_size))
-    lm_sum, kd_sum, tokens = total.tolist()
+    lm_sum, kd_sum, teacher_sum, tokens = total.tolist()
     out = {"lm_loss": lm_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
     if session.teacher is not None:
         out["kd_loss"] = kd_sum / max(tokens, 1.0)
+        out["teacher_lm_loss"] = teacher_sum / max(tokens, 1.0)
     return out
 
 
@@ -463,6 +473,31 @@ def _maybe_eval(session: Session, writer: MetricsWriter, result: TrainResult, fi
            "tokens": session.progress.consumed_train_samples * session.cfg.seq_length, **out}
     result.evals.append(rec)
     writer.write(rec)
+    if final:
+        writer.write(final_record(rec), line=final_line(rec))
+
+
+def final_record(ev: dict) -> dict:
+    """The end-of-run validation result as its own metrics record: the student's LM loss beside the teacher's."""
+    rec = {"kind": "final", "iteration": ev["iteration"], "tokens": ev["tokens"], "eval_tokens": ev["eval_tokens"],
+           "student_lm_loss": ev["lm_loss"]}
+    if "teacher_lm_loss" in ev:
+        rec.update(teacher_lm_loss=ev["teacher_lm_loss"], gap=ev["lm_loss"] - ev["teacher_lm_loss"],
+                   kd_loss=ev["kd_loss"])
+    return rec
+
+
+def final_line(ev: dict) -> str:
+    """One line: validation LM loss (perplexity) of the student, and of the teacher when distilling."""
+    def ppl(loss: float) -> str:
+        return f"{loss:.4f} (ppl {math.exp(min(loss, 700.0)):,.2f})"
+
+    line = (f"final validation ({ev['eval_tokens']:,} held-out tokens of the data's valid split, iteration "
+            f"{ev['iteration']}): student LM loss {ppl(ev['lm_loss'])}")
+    if "teacher_lm_loss" in ev:
+        line += (f" vs teacher {ppl(ev['teacher_lm_loss'])}: gap {ev['lm_loss'] - ev['teacher_lm_loss']:+.4f}; "
+                 f"KD loss {ev['kd_loss']:.4f}")
+    return line
 
 
 def train(cfg: TrainConfig, stream: TextIO | None = None) -> TrainResult:

@@ -141,10 +141,11 @@ class MetricsWriter:
         if tensorboard_dir:
             self._tb = _tensorboard_writer(tensorboard_dir, self.stream)
 
-    def write(self, rec: dict[str, Any]) -> None:
+    def write(self, rec: dict[str, Any], line: str | None = None) -> None:
+        """Print `line` (default: the record formatted Megatron-LM style) and append the record to the files."""
         if not self.enabled:
             return
-        print(format_record(rec), file=self.stream, flush=True)
+        print(line or format_record(rec), file=self.stream, flush=True)
         if self._file:
             self._file.write(json.dumps(rec) + "\n")
         if self._tb:

@@ -83,7 +83,8 @@ def _cases(ws: dict) -> list[dict]:
         {"name": "kd_self", "cfg": _cfg(ws, "tp2", tp=2, train_iters=2, teacher_load=str(root / "tp2"),
                                         kd_alpha=0.5, kd_temperature=2.0)},
         {"name": "kd_function", "kind": "kd_function", **_kd_inputs()},
-        {"name": "kd_dp2", "cfg": _cfg(ws, "tp1", train_iters=3, teacher_load=str(root / "teacher_tp1"), **KD)},
+        {"name": "kd_dp2", "cfg": _cfg(ws, "tp1", train_iters=3, teacher_load=str(root / "teacher_tp1"), eval_iters=1,
+                                       metrics_file=str(root / "kd_dp2.jsonl"), **KD)},
         {"name": "kd_pp2", "cfg": _cfg(ws, "pp2", pp=2, train_iters=3, teacher_load=str(root / "teacher_pp2"), **KD)},
         {"name": "guard", "kind": "guard", "nan_iterations": [2, 4, 5, 6, 7],
          "cfg": _cfg(ws, "tp2", tp=2, train_iters=8, max_bad_steps=3)},
@@ -131,14 +132,14 @@ def _losses(run: dict) -> list[float]:
     return [h["lm_loss"] for h in run["history"]]
 
 
-def _first_batch(ws: dict):
+def _first_batch(ws: dict, split: str = "train", **cfg_kw):
     from megatron_prune.data.tokenizers import load_tokenizer
     from megatron_prune.train.config import TrainConfig
     from megatron_prune.train.data import build_datasets
 
-    cfg = TrainConfig(**_cfg(ws, "tp1"))
-    train = build_datasets(cfg, load_tokenizer(ws["root"] / "hf")).train
-    batch = [train[i] for i in range(GBS)]
+    cfg = TrainConfig(**_cfg(ws, "tp1", **cfg_kw))
+    data = getattr(build_datasets(cfg, load_tokenizer(ws["root"] / "hf")), split)
+    batch = [data[i] for i in range(GBS)]
     return tuple(torch.stack([torch.as_tensor(b[k]) for b in batch]) for k in ("tokens", "labels", "loss_mask"))
 
 
@@ -149,10 +150,10 @@ def _hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
         return LlamaForCausalLM.from_pretrained(path).eval()(tokens).logits.float()
 
 
-def _hf_first_batch_loss(ws: dict) -> float:
+def _hf_first_batch_loss(ws: dict, model: str = "hf", split: str = "train", **cfg_kw) -> float:
     """Independent reference: HF transformers on the first global batch of the same GPTDataset."""
-    tokens, labels, mask = _first_batch(ws)
-    logits = _hf_logits(ws["root"] / "hf", tokens)
+    tokens, labels, mask = _first_batch(ws, split, **cfg_kw)
+    logits = _hf_logits(ws["root"] / model, tokens)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     mask = mask.float().reshape(-1)
     return float((ce * mask).sum() / mask.sum())
@@ -292,3 +293,18 @@ def test_fp16_dynamic_loss_scaling(runs):
     assert len(good) >= 2 and all(torch.isfinite(torch.tensor(h["lm_loss"])) for h in good)
     fp32 = _losses(runs["tp2_30"])[0]
     assert abs(hist[0]["lm_loss"] - fp32) < 5e-3  # the fp16 forward is close to fp32's
+
+
+def test_final_validation_line_student_vs_teacher(runs, ws):
+    """The end of a distillation run: one line and one metrics record with the student's and the teacher's LM
+    loss on the validation batches; the teacher's equals HF's on the first validation global batch."""
+    run = runs["kd_dp2"]
+    final = run["evals"][-1]
+    ref = _hf_first_batch_loss(ws, "teacher_hf", "valid", train_iters=3, eval_iters=1)
+    assert abs(final["teacher_lm_loss"] - ref) <= 1e-4, (final["teacher_lm_loss"], ref)
+    line = next(line for line in run["log"].splitlines() if line.startswith("final validation"))
+    assert f"student LM loss {final['lm_loss']:.4f}" in line and f"vs teacher {ref:.4f}" in line, line
+    assert "gap" in line and "KD loss" in line
+    rec = json.loads((ws["root"] / "kd_dp2.jsonl").read_text().splitlines()[-1])
+    assert rec["kind"] == "final" and rec["iteration"] == 3 and rec["eval_tokens"] == final["eval_tokens"]
+    assert (rec["student_lm_loss"], rec["teacher_lm_loss"]) == (final["lm_loss"], final["teacher_lm_loss"])
