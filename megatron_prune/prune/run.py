@@ -27,8 +27,9 @@ from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import check_free_space, check_output_dir, temp_name
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
-from megatron_prune.checkpoint.convert_files import check_rank_files
-from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
+from megatron_prune.checkpoint.dist_files import save_dist_shard
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import copy_tokenizer_files
 from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.model.agree import everywhere
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
@@ -71,6 +72,7 @@ class PruneConfig:
     progress: bool = True
     allow_non_finite: bool = False      # else pruned tensors holding NaN / Inf are refused before writing
     search: SearchConfig | None = None  # or a parameter budget: search the sizes (prune.search_run)
+    ckpt_format: str = "torch"          # output: Megatron-LM's legacy rank files, or torch_dist
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.plan, self.search)) != 1:
@@ -78,6 +80,8 @@ class PruneConfig:
                              "--target-memory-gb G)")
         if self.importance not in IMPORTANCES:
             raise InputError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        if self.ckpt_format not in mio.FORMATS:
+            raise InputError(f"--ckpt-format {self.ckpt_format!r} is not one of {', '.join(mio.FORMATS)}")
 
     def inputs(self) -> dict[str, str | None]:
         """Every path this run reads (the output must not overlap any of them)."""
@@ -104,12 +108,12 @@ class PruneResult:
     search: SearchReport | None = None
 
 
-def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
-    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards."""
+def check_input(load: str | Path, tp: int | None = None) -> tuple[mio.CheckpointMeta, int | str]:
+    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards (a torch_dist
+    checkpoint is read at `tp`, default the size it was written with, and PP=1)."""
     load = Path(load)
-    meta = mio.read_meta(load)
-    iteration = mio.read_tracker(load)
-    check_rank_files(load, meta, iteration)
+    ck = mio.open_checkpoint(load, tp=tp, pp=1 if mio.checkpoint_format(load) == "torch_dist" else None)
+    meta, iteration = ck.meta, ck.iteration
     if meta.pp != 1:
         raise CheckpointError(f"{load}: pp={meta.pp}; the pruner needs PP=1: reshard to PP=1 first "
                               f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
@@ -119,11 +123,11 @@ def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
 
 
 def search_shapes(load: str | Path, target_params: str | None, limits: SearchLimits, *,
-                  memory_gb: str | None = None, seq_length: int | None = None, batch_size: int = 1
-                  ) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
+                  memory_gb: str | None = None, seq_length: int | None = None, batch_size: int = 1,
+                  tp: int | None = None) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
     """(meta, budget, candidate shapes) for `--target-params` and/or `--target-memory-gb` (seq_length: the KV
     cache's, default the model's max_position_embeddings), single process, no tensors read."""
-    meta, _ = check_input(load)
+    meta, _ = check_input(load, tp)
     budget = make_budget(meta.shape, target_params, memory_gb, seq_length, batch_size)
     try:
         return meta, budget, search(meta.shape, meta.tp, budget, limits)
@@ -131,10 +135,11 @@ def search_shapes(load: str | Path, target_params: str | None, limits: SearchLim
         raise BudgetError(f"{load}: {e}") from None
 
 
-def check(cfg: PruneConfig) -> Prepared:
-    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read."""
+def check(cfg: PruneConfig, tp: int | None = None) -> Prepared:
+    """Validate checkpoint, target or plan, calibration data and output directory; no tensors are read. `tp`: the
+    job's TP size (a torch_dist checkpoint is read at it)."""
     load = Path(cfg.load)
-    meta, iteration = check_input(load)
+    meta, iteration = check_input(load, tp)
     check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
     plan, candidates, budget = None, (), None
     if cfg.plan:
@@ -145,7 +150,7 @@ def check(cfg: PruneConfig) -> Prepared:
     elif cfg.search:
         sc = cfg.search
         _, budget, found = search_shapes(load, sc.target_params, sc.limits, memory_gb=sc.target_memory_gb,
-                                         seq_length=sc.memory_seq_length, batch_size=sc.memory_batch_size)
+                                         seq_length=sc.memory_seq_length, batch_size=sc.memory_batch_size, tp=tp)
         candidates, target = tuple(found), max(found, key=lambda c: c.params).shape  # free space for any
         check_search_importance(cfg.importance, meta.shape, candidates)
         _calib_source(cfg)
@@ -283,10 +288,15 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     del state
     new_meta = pruned_meta(meta, plan, source=str(Path(cfg.load).resolve()), tp=meta.tp)
     times["apply"] = time.perf_counter() - t0 - times["plan"]
-    args = mio.megatron_args(new_meta)
+    args = mio.megatron_args(new_meta, ckpt_format=cfg.ckpt_format)
     source = mio.rank_path(Path(cfg.load), prep.iteration, rank, 0, 1)
+    if cfg.ckpt_format == "torch_dist":  # a collective save: every rank's checks agreed on before it
+        agree(_check_dist_output, cfg, new_meta, source, sd)
 
     def write_rank(tmp: Path) -> None:
+        if cfg.ckpt_format == "torch_dist":
+            save_dist_shard(tmp, new_meta, sd, rank, 0, args)
+            return
         if not cfg.allow_non_finite:
             check_finite_state(source, sd)
         mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0))
@@ -306,8 +316,16 @@ def check_finite_state(source: Path, sd: dict) -> None:
                                  f"({describe_non_finite(t)}); pass --allow-non-finite to prune it anyway")
 
 
+def _check_dist_output(cfg: PruneConfig, meta: mio.CheckpointMeta, source: Path, sd: dict) -> None:
+    if meta.rank_sizes:
+        raise InputError("uneven shards (global-mode pruning) cannot be saved as torch_dist (its tensors do not "
+                         "depend on the TP size); prune with --ckpt-format torch, or without global mode")
+    if not cfg.allow_non_finite:
+        check_finite_state(source, sd)
+
+
 def _check_job(cfg: PruneConfig, world: int) -> Prepared:
-    prep = check(cfg)
+    prep = check(cfg, tp=world)
     if world != prep.meta.tp:
         raise InputError(f"the checkpoint has tp={prep.meta.tp}, but {world} processes run: launch one per TP "
                          f"rank (torchrun --nproc-per-node {prep.meta.tp})")
