@@ -394,7 +394,8 @@ _EXTRA_STATE_LINEARS = ("self_attention.linear_proj", "self_attention.linear_qkv
                         "mlp.linear_fc2")
 
 
-def save(path: Path, sharded: dict[str, Any], common: dict[str, Any]) -> None:
+def save(path: Path, sharded: dict[str, Any], common: dict[str, Any],
+         content_metadata: dict[str, Any] | None = None) -> None:
     """megatron-core's dist_checkpointing.save of `sharded` plus the common state into the (empty) directory `path`
     (every rank of the process group calls it, each with its own shards)."""
     from megatron.core import dist_checkpointing
@@ -402,7 +403,46 @@ def save(path: Path, sharded: dict[str, Any], common: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with megatron_io_context():
         _fork_results_queue()
-        dist_checkpointing.save({**common, **sharded}, str(path))
+        dist_checkpointing.save({**common, **sharded}, str(path), content_metadata=content_metadata)
+
+
+def load_state(index: DistIndex, request: dict[str, Any]) -> dict[str, Any]:
+    """megatron-core's dist_checkpointing.load semantics (the common state with the requested sharded tensors merged
+    in, factories applied) with the common state read by safe_pickle and no object item requested (torch DCP
+    unpickles those with plain pickle); a collective under a multi-rank process group with megatron-core <= 0.16."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, merge
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    state = read_common(index)
+    sharded, nonpersistent, factories = load_preprocess(request)
+    merge(state, nonpersistent)
+    sharded, _ = extract_sharded_base(sharded)
+    _, sharded = extract_matching_values(sharded, lambda v: isinstance(v, ShardedObject))
+    try:
+        with megatron_io_context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = TorchDistLoadShardedStrategy().load(sharded, index.path)
+    except Exception as e:  # noqa: BLE001 - torch DCP reports unreadable or missing entries in many shapes
+        raise CheckpointError(f"{index.path}: cannot read the torch_dist checkpoint ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    merge(state, loaded)
+    return apply_factory_merges(state, factories)
+
+
+def read_object(index: DistIndex, unique_key: str) -> Any:
+    """One object item (a megatron-core ShardedObject, e.g. `rng_state/shard_0.1_1.2`) read by safe_pickle; None
+    when the checkpoint has none of that name."""
+    if unique_key not in index.objects:
+        return None
+    try:
+        return torch.load(io.BytesIO(_read_item(index.path, unique_key)), map_location="cpu", weights_only=False,
+                          pickle_module=safe_pickle)[0]
+    except Exception as e:  # noqa: BLE001 - the file's fault, one line
+        raise CheckpointError(f"{index.path}: cannot read {unique_key} ({type(e).__name__}: {_first_line(e)})") \
+            from None
 
 
 def _fork_results_queue() -> None:

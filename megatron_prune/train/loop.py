@@ -81,7 +81,8 @@ def setup(cfg: TrainConfig) -> Session:
     model = _wrap_ddp(cfg, model)
     optimizer = _build_optimizer(cfg, model)
     scheduler = _build_scheduler(cfg, optimizer)
-    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info) if resume else ckpt.Progress()
+    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info, model) if resume \
+        else ckpt.Progress()
     del state
     teacher, teacher_meta = agree(_build_teacher, cfg, info, meta)
     data = build_datasets(cfg, tokenizer)
@@ -100,7 +101,7 @@ def _check_inputs(cfg: TrainConfig):
     from megatron_prune.model.load import check_loadable
 
     check_data_paths(cfg)
-    point = ckpt.find_resume_point(cfg.load, cfg.save)
+    point = ckpt.find_resume_point(cfg.load, cfg.save, cfg.tp, cfg.pp)
     world = dist.get_world_size()
     cfg.layout(world)
     check_loadable(point.meta, SimpleNamespace(tp=cfg.tp, pp=cfg.pp, world_size=world), point.root)
@@ -360,7 +361,7 @@ def save(session: Session) -> None:
                  lr_warmup_iters=cfg.lr_warmup_iters, lr_decay_style=cfg.lr_decay_style,
                  weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad, seed=cfg.seed, train_config=cfg.to_dict())
     ckpt.save_checkpoint(cfg.save, p, session.model, session.optimizer, session.scheduler, meta, session.info,
-                         extra, cfg.keep_last, session.tokenizer_src)
+                         extra, cfg.keep_last, session.tokenizer_src, cfg.ckpt_format)
 
 
 def run(session: Session, stream: TextIO | None = None) -> TrainResult:
