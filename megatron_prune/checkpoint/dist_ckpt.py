@@ -169,8 +169,8 @@ def _read_item(path: Path, key: str) -> bytes:
             self.original_state_dict[read_item.dest_index.fqn] = value.getvalue()
 
     state = {key: io.BytesIO()}
-    dcp_load(state, storage_reader=FileSystemReader(str(path)), planner=RawBytes(flatten_state_dict=False, flatten_sharded_tensors=False),
-             no_dist=True)
+    planner = RawBytes(flatten_state_dict=False, flatten_sharded_tensors=False)
+    dcp_load(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
     return state[key]
 
 
@@ -180,11 +180,23 @@ def _first_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- process group and CPU stand-ins
+_MEGATRON_NOTICES = r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*"
+
+
+def _import_megatron() -> None:
+    """megatron-core's dist_checkpointing, imported once without its notices that TE / apex are absent (they are
+    optional accelerators here; a command that only reads a checkpoint should not print them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_MEGATRON_NOTICES)
+        import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+
+
 @contextlib.contextmanager
 def megatron_io_context() -> Iterator[None]:
     """What megatron-core's dist_checkpointing needs around a call: a process group (a private one of one process
     when none exists), and on a machine without CUDA, `torch.cuda.synchronize` / `current_device` stand-ins
     (no tensor value depends on them). Both are undone on exit."""
+    _import_megatron()
     own_group = not dist.is_initialized()
     if own_group:
         hook = sys.excepthook  # init_process_group wraps it (a "[rank0]:" prefix per call): keep ours
@@ -241,6 +253,7 @@ def shard_pieces(local_key: str, kind: str, layer: int | None, global_shape: tup
 
 def _request(piece: Piece, info: TensorInfo):
     """A megatron-core ShardedTensor that asks for exactly the piece."""
+    _import_megatron()
     from megatron.core.dist_checkpointing import ShardedTensor
 
     shape, offset = list(info.shape), [0] * len(info.shape)
@@ -360,6 +373,7 @@ def sharded_state_dict(sd: Mapping[str, torch.Tensor | None], shape, tp: int, pp
     """megatron-core's sharded state dict of one rank's local-spec state dict `sd` (what GPTModel.sharded_state_dict
     makes: the same keys, layer offsets, TP fragments, swiglu halves and `_extra_state` objects). Replicated tensors
     (norms) are saved by TP rank 0, every tensor by DP rank 0."""
+    _import_megatron()
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     layers = stage_layers(shape.num_layers, pp, pp_rank)
@@ -398,6 +412,7 @@ def save(path: Path, sharded: dict[str, Any], common: dict[str, Any],
          content_metadata: dict[str, Any] | None = None) -> None:
     """megatron-core's dist_checkpointing.save of `sharded` plus the common state into the (empty) directory `path`
     (every rank of the process group calls it, each with its own shards)."""
+    _import_megatron()
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
@@ -410,6 +425,7 @@ def load_state(index: DistIndex, request: dict[str, Any]) -> dict[str, Any]:
     """megatron-core's dist_checkpointing.load semantics (the common state with the requested sharded tensors merged
     in, factories applied) with the common state read by safe_pickle and no object item requested (torch DCP
     unpickles those with plain pickle); a collective under a multi-rank process group with megatron-core <= 0.16."""
+    _import_megatron()
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, merge
     from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess

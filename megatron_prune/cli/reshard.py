@@ -34,7 +34,8 @@ def run(args) -> int:
     meta = reshard(args.load, args.save, args.tp, args.pp, overwrite=args.overwrite, progress=not args.no_progress,
                    check_finite=args.check_finite, ckpt_format=args.ckpt_format)
     src = meta.history[-1]
-    print(f"wrote {args.save} ({args.ckpt_format}): tp={meta.tp} pp={meta.pp} (from tp={src['source_tp']} pp={src['source_pp']}"
+    print(f"wrote {args.save} ({args.ckpt_format}): tp={meta.tp} pp={meta.pp} (from tp={src['source_tp']} "
+          f"pp={src['source_pp']}"
           f"{', uneven' if src['uneven_source'] else ''}), padded vocab {meta.padded_vocab_size}")
     if src["source_iteration"] != "release":
         print(f"note: {args.load} is a training checkpoint (iteration {src['source_iteration']}): its weights were "

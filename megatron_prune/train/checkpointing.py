@@ -16,8 +16,9 @@ per-rank layout needs no gather.
 
 torch_dist (checkpoint.dist_ckpt): every rank saves its model and optimizer shards through megatron-core's
 dist_checkpointing (the model's and the optimizer's own sharded_state_dict; the distributed optimizer in its
-"fully_reshardable" form (Megatron-LM's --dist-ckpt-optim-fully-reshardable), which any DP and TP size reads: resume at another data-parallel or TP size keeps
-the optimizer state), with Megatron-LM's common state (args, iteration, opt_param_scheduler, rng_state).
+"fully_reshardable" form, Megatron-LM's --dist-ckpt-optim-fully-reshardable, which any DP and TP size reads:
+resume at another data-parallel or TP size keeps the optimizer state), with Megatron-LM's common state (args,
+iteration, opt_param_scheduler) and its rng_state object.
 
 RNG state is saved in Megatron-LM's layout ([{random_rng_state, np_rng_state, torch_rng_state, cuda_rng_state,
 rng_tracker_states}]; on a machine without CUDA there is no cuda_rng_state, and megatron-lm-args says so).
