@@ -170,7 +170,9 @@ def _read_item(path: Path, key: str) -> bytes:
 
     state = {key: io.BytesIO()}
     planner = RawBytes(flatten_state_dict=False, flatten_sharded_tensors=False)
-    dcp_load(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch DCP's notices about loading without a process group
+        dcp_load(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
     return state[key]
 
 

@@ -91,9 +91,15 @@ def pretrain_gpt_flags(load: str | Path, tokenizer: str | Path | None = None) ->
 
 
 def _rank0_state(ck: mio.OpenCheckpoint) -> dict:
-    """Rank 0's state without tensor data (legacy: its rank file on the meta device), or a torch_dist common state."""
+    """Rank 0's state without tensor data (legacy: its rank file on the meta device), or a torch_dist common state
+    with rank 0's rng_state object."""
     if ck.format == "torch_dist":
-        return dist_ckpt.read_common(dist_ckpt.read_index(ck.folder))
+        index = dist_ckpt.read_index(ck.folder)
+        state = dist_ckpt.read_common(index)
+        args = state.get("args")
+        pp, tp = getattr(args, "pipeline_model_parallel_size", 1), getattr(args, "tensor_model_parallel_size", 1)
+        rng = dist_ckpt.read_object(index, f"rng_state/shard_0.0_{pp}.{tp}")  # Megatron-LM's layout, rank 0's
+        return {**state, "rng_state": rng} if rng is not None else state
     path = mio.rank_path(ck.root, ck.iteration, 0, 0, ck.meta.pp)
     return mio.load_rank_file(path, map_location="meta", mmap=False)
 

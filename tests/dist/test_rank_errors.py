@@ -105,3 +105,17 @@ def test_distributed_optimizer_resume_at_another_dp_size_is_one_line(ws, tmp_pat
     out = train_script(2, args + ["--train-iters", "2"])  # DP=2 now: rank 1 has no shard, the sizes differ
     assert_one_report(out, 2, "saved by 1 data-parallel ranks, this job has 2")
     assert (run / mio.TRACKER).read_text().strip() == "1"
+
+
+def test_train_on_a_torch_dist_checkpoint_with_a_truncated_chunk_is_one_report(ws, tmp_path):  # noqa: F811
+    """torch_dist: every rank checks the chunk files named by .metadata before any read; one line, exit 2."""
+    from megatron_prune.checkpoint.reshard_files import reshard
+
+    reshard(ws["root"] / "tp2", tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
+    chunk = sorted((tmp_path / "dist" / "release").glob("*.distcp"))[-1]
+    os.truncate(chunk, chunk.stat().st_size - 1)
+    out = subprocess.run(["bash", str(REPO / "scripts" / "train_recovery.sh"),
+                          *train_args(tmp_path / "dist", tmp_path / "out", ws["data"], "--train-iters", "1",
+                                      "--tp", "2")],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert_one_report(out, 2, chunk.name, "truncated")
