@@ -6,9 +6,9 @@
 Steps (each a fresh `python -m megatron_prune ...` process, timed with a final sync, peak RSS of the process tree):
 convert HF -> torch_dist (TP=8) and HF -> legacy (TP=8); export each to HF; reshard legacy TP=8 -> torch_dist and
 torch_dist -> legacy TP=2. Peak RSS is split into anonymous memory (what the process really holds) and file-backed
-pages (memory-mapped checkpoint bytes, which the kernel reclaims under pressure), sampled from /proc every 0.2 s
-over the whole process tree (torch_dist writers fork); /usr/bin/time's figure (largest single process) is given
-too. Outputs are deleted as soon as they are measured, to keep the disk footprint at about three copies.
+pages (memory-mapped checkpoint bytes, which the kernel reclaims under pressure), proportional set sizes sampled
+from /proc/PID/smaps_rollup every 0.2 s over the whole process tree (torch_dist writers fork: a page they share
+counts once); /usr/bin/time's figure (largest single process, shared pages included) is given too. Outputs are deleted as soon as they are measured, to keep the disk footprint at about three copies.
 Results go to benchmarks/RESULTS.md (section "torch_dist") unless --no-write.
 """
 
@@ -43,15 +43,16 @@ def _tree(pid: int) -> list[int]:
 
 
 def _rss(pid: int) -> tuple[int, int]:
-    """(anonymous, file-backed) resident bytes of a process tree."""
+    """(anonymous, file-backed) memory of a process tree, proportional set sizes (a page shared by forked processes
+    is counted once in total, not once per process)."""
     anon = file = 0
     for p in _tree(pid):
         try:
-            status = Path(f"/proc/{p}/status").read_text()
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError:
             continue
-        for key, value in re.findall(r"^(RssAnon|RssFile|RssShmem):\s+(\d+) kB", status, re.M):
-            if key == "RssAnon":
+        for key, value in re.findall(r"^(Pss_Anon|Pss_File|Pss_Shmem):\s+(\d+) kB", rollup, re.M):
+            if key == "Pss_Anon":
                 anon += int(value) * 1024
             else:
                 file += int(value) * 1024
@@ -147,8 +148,9 @@ def _report(args, cfg: dict, nbytes: int, t_copy: float, rows: list) -> str:
              f"{' --layers ' + str(args.layers) if args.layers else ''}` on this project's CPU machine "
              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores; other jobs were running). "
              f"Each step is a fresh process; wall time includes start-up, the torch / megatron-core imports and a "
-             f"final sync. Peak RSS of the process tree, sampled every 0.2 s: anonymous memory (held by the process) "
-             f"and file-backed pages (mapped checkpoint bytes, reclaimable); /usr/bin/time: largest single process.",
+             f"final sync. Peak memory of the process tree (proportional set sizes, sampled every 0.2 s): anonymous "
+             f"(held by the processes) and file-backed (mapped checkpoint bytes, reclaimable); /usr/bin/time: "
+             f"largest single process.",
              "",
              f"Plain copy of the {gib(nbytes)} HF input (`cp -r` + sync): {t_copy:.1f} s.",
              "",

@@ -246,7 +246,11 @@ def shard_pieces(local_key: str, kind: str, layer: int | None, global_shape: tup
     dim, blocks = shard_blocks(kind, dims, tp, tp_rank)
     pieces, at = [], 0
     for block in blocks:
-        pieces.append(Piece(key, layer, dim, block.start, block.stop, at))
+        if pieces and pieces[-1].stop == block.start:  # adjacent (fc1's gate and up at TP=1): one read, no copy
+            last = pieces.pop()
+            pieces.append(Piece(key, layer, dim, last.start, block.stop, last.at))
+        else:
+            pieces.append(Piece(key, layer, dim, block.start, block.stop, at))
         at += len(block)
     local = list(dims)
     local[dim] = at
