@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from megatron_prune.cli.common import user_errors
-
 
 def add_arguments(p) -> None:
     p.description = ("Print the Megatron-LM pretrain_gpt.py flags that load a Megatron checkpoint (converted, pruned, "
@@ -25,7 +23,6 @@ def add_arguments(p) -> None:
                      help="every word NUL-terminated (exact for any path: xargs -0, mapfile -d '')")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.checkpoint import megatron_io as mio
     from megatron_prune.checkpoint.mlm_command import (format_flags, null_separated, pretrain_gpt_flags,

@@ -5,7 +5,7 @@ LlamaForCausalLM.from_pretrained and equals the Megatron-pruned checkpoint expor
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import add_dtype, user_errors
+from megatron_prune.cli.common import add_dtype
 
 
 def add_arguments(p) -> None:
@@ -19,11 +19,11 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@user_errors
 def run(args) -> int:
     import sys
 
-    from megatron_prune.prune.apply_hf import hf_config_warning, prune_hf
+    from megatron_prune.config.shape import hf_config_warning
+    from megatron_prune.prune.apply_hf import prune_hf
     from megatron_prune.prune.plan import PrunePlan
 
     plan = PrunePlan.load(args.plan)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import add_ckpt_format, user_errors
+from megatron_prune.cli.common import add_ckpt_format
 
 
 def add_arguments(p) -> None:
@@ -29,7 +29,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.vocab.run import VOCAB_MAP, prune_vocab
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron_prune.cli.common import add_ckpt_format, user_errors
+from megatron_prune.cli.common import add_ckpt_format
 
 
 def add_arguments(p) -> None:
@@ -27,7 +27,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.checkpoint.reshard_files import reshard
 

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
-from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import HFReader, copy_tokenizer_files, write_hf_checkpoint
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, OUTPUT, PRE_MLP_NORM, PROJ,
                                             QKV, hf_expected_keys)
@@ -24,16 +25,6 @@ from megatron_prune.prune.apply import take, target_shape
 from megatron_prune.prune.plan import LayerPlan, PrunePlan
 
 Getter = Callable[[str], torch.Tensor]
-
-
-def hf_config_warning(shape: LlamaShape) -> str | None:
-    """transformers >= 5 LlamaConfig rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
-    (its modelling code would be fine); megatron-core has no such rule. Say so before the user finds out."""
-    if shape.hidden_size % shape.num_attention_heads:
-        return (f"warning: hidden {shape.hidden_size} is not a multiple of heads {shape.num_attention_heads}: "
-                f"transformers >= 5 refuses such a LlamaConfig, so the HF export will not load with from_pretrained "
-                f"there (megatron-core and transformers 4.x are fine); pick a hidden size divisible by the heads")
-    return None
 
 
 def _ix(idx: list[int]) -> torch.Tensor:
