@@ -23,6 +23,7 @@
 #   --calib-samples               CALIB_SAMPLES               calibration sequences                  [64]
 #   --seed                        SEED                        random plan seed                       [1234]
 #   --plan                        PLAN                        re-apply this prune_plan.json instead of making a plan
+#   --ckpt-format                 CKPT_FORMAT                 output: torch (legacy rank files) | torch_dist [torch]
 # A budget instead of sizes (searches layers, hidden, heads per group and FFN):
 #   --target-params               TARGET_PARAMS               parameters to keep: 64047840, 6.4e7 or 50%   []
 #   --target-memory-gb            TARGET_MEMORY_GB            GiB (2^30 bytes) of bf16 weights + KV cache  []
@@ -59,6 +60,7 @@ mp_flag --num-layers-remain NUM_LAYERS_REMAIN
 mp_flag --drop-layers DROP_LAYERS
 mp_flag --prune-type PRUNE_TYPE
 mp_flag --importance IMPORTANCE
+mp_flag --ckpt-format CKPT_FORMAT
 mp_flag --calib-data CALIB_DATA
 mp_flag --calib-samples CALIB_SAMPLES
 mp_flag --seed SEED

@@ -13,6 +13,7 @@
 #   RDZV_ID          rendezvous id; set it to use c10d elastic rendezvous instead of NODE_RANK   [unset]
 #   OMP_NUM_THREADS  CPU threads per process                              [1]
 #   DRY_RUN          1: print the torchrun command instead of running it  [0]
+#   CKPT_FORMAT      --ckpt-format of the training checkpoints: torch | torch_dist (a flag wins)   [torch]
 #
 # Single node, TP=2 (NPROC: 2 on CPU, all GPUs of the node with CUDA):
 #   bash scripts/train_recovery.sh --load ckpt/pruned --save ckpt/recovered --tp 2 \
@@ -28,6 +29,7 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("$PYTHON" -c 'import sys; from megatron_prune.cli.train import default_nproc
 print(default_nproc(sys.argv[1:]))' "$@")
 fi
+mp_flag --ckpt-format CKPT_FORMAT
 NNODES=${NNODES:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [[ -n "${RDZV_ID:-}" ]]; then
@@ -40,6 +42,7 @@ else
         --master-port "${MASTER_PORT:-29500}")
 fi
 # torchrun through megatron_prune.cli.launch (same arguments): whichever rank fails, one line, no traceback wall
-cmd=("$PYTHON" -m megatron_prune.cli.launch "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train "$@")
+cmd=("$PYTHON" -m megatron_prune.cli.launch "${rdzv[@]}" --nproc-per-node "$NPROC" -m megatron_prune train
+     ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"

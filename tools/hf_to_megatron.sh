@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HF LLaMA directory -> Megatron TP/PP shards (Megatron-LM legacy `torch` layout).
+# HF LLaMA directory -> Megatron TP/PP shards (Megatron-LM legacy `torch` layout, or `torch_dist`).
 #
 # Flag / Environment variable (a flag wins over its variable). Other arguments are passed
 # to the converter (see the options below).
@@ -9,6 +9,7 @@
 #   --pp      PP            pipeline-parallel size                                                     [1]
 #   --dtype   DTYPE         bf16 | fp16 | fp32                                          [the HF config's dtype]
 #   --make-vocab-size-divisible-by  DIVISIBLE_BY   pad the vocabulary to a multiple of this x TP          [128]
+#   --ckpt-format CKPT_FORMAT   torch (legacy rank files) | torch_dist (megatron-core dist checkpoint)   [torch]
 #             PYTHON        Python interpreter                       [the repository's .venv, else python3]
 #
 # Examples: bash tools/hf_to_megatron.sh --hf-dir llama-2-7b --save ckpt/llama2-tp2 --tp 2 --te-names
@@ -22,4 +23,5 @@ mp_flag --tp TP
 mp_flag --pp PP
 mp_flag --dtype DTYPE
 mp_flag --make-vocab-size-divisible-by DIVISIBLE_BY
+mp_flag --ckpt-format CKPT_FORMAT
 exec "$PYTHON" -m megatron_prune convert hf-to-megatron ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

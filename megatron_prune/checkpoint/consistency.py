@@ -1,12 +1,14 @@
 """Is a Megatron checkpoint what its metadata says it is? One check for every reader (export, reshard, prune,
-prune-vocab, training and eval loads), run before any output is written.
+prune-vocab, training and eval loads), run before any output is written. Pure: it is handed the states and shapes
+(checkpoint.megatron_io reads the files).
 
 The metadata (`megatron_prune.json`, or Megatron-LM's args) is trusted only once the tensors agree with it:
 - each rank file sits in the folder of the rank it was written for (the rank record `save_rank` adds; older
   files without one are accepted, their folder name is the truth);
 - each stage holds exactly the layers the metadata implies (an edited `num_layers` would drop or invent layers);
 - each tensor has the shape the metadata implies for its TP rank, computed by the layout's own split functions
-  on thin stand-ins (checkpoint.layout owns the rules; nothing is re-derived here).
+  on thin stand-ins (checkpoint.layout owns the rules; nothing is re-derived here);
+- a torch_dist checkpoint holds every global tensor the metadata implies, of the TP=1 shape (its layers stacked).
 
 Also the finite check (NaN / Inf) used while tensors are copied: a sum is one cheap pass that propagates any
 non-finite value; only when it is not finite are the elements looked at (a sum may overflow on finite data).
@@ -16,16 +18,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from megatron_prune.checkpoint.convert import split_tensor
-from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.checkpoint.keys import hf_expected_shapes, stage_layers, stage_tensor_maps, to_local_names
-
-if TYPE_CHECKING:
-    from megatron_prune.checkpoint.megatron_io import CheckpointMeta
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.keys import (dist_name, hf_expected_shapes, stage_layers, stage_tensor_maps,
+                                            to_local_names)
+from megatron_prune.checkpoint.meta import CheckpointMeta
 
 RANK_RECORD = "megatron_prune_rank"  # {"tp_rank", "pp_rank", "tp", "pp"}: which rank this file was written for
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -42,10 +43,14 @@ def rank_record(tp_rank: int, pp_rank: int, tp: int | None, pp: int) -> dict[str
 
 def check_rank_record(path: Path, state: Mapping[str, Any], tp_rank: int, pp_rank: int, tp: int, pp: int) -> None:
     """The folder a rank file sits in is the truth; a file recorded for another rank was moved or swapped."""
-    rec = state.get(RANK_RECORD)
-    if not isinstance(rec, dict):
-        return  # written before rank records existed: accepted
+    if RANK_RECORD not in state:
+        return  # written before rank records existed (or by Megatron-LM): accepted
+    rec = state[RANK_RECORD]
     want = rank_record(tp_rank, pp_rank, tp, pp)
+    if not isinstance(rec, Mapping) or not all(type(rec.get(k)) is int for k in ("tp_rank", "pp_rank", "pp")) \
+            or not (rec.get("tp") is None or type(rec.get("tp")) is int):
+        raise CheckpointError(f"{path}: invalid rank record {RANK_RECORD}={rec!r} (expected integers tp_rank, "
+                              f"pp_rank, tp, pp)")
     got = {k: rec.get(k) for k in want}
     if got["tp"] is None:
         got["tp"] = tp
@@ -76,7 +81,7 @@ def _split_shape(kind: str, hf_keys, full: dict[str, tuple[int, ...]], tp: int, 
     return (first[0], out[1]) if kind == "row" else (out[0], first[1])
 
 
-def _uneven_layer_shape(meta: "CheckpointMeta", layer: int, tp_rank: int):
+def _uneven_layer_shape(meta: CheckpointMeta, layer: int, tp_rank: int):
     """Global-mode pruning: TP rank r of layer l holds what TP=1 of a model with r's groups and FFN would hold."""
     s, sizes = meta.shape, meta.rank_sizes
     groups, ffn = sizes["groups"][layer][tp_rank], sizes["ffn"][layer][tp_rank]
@@ -85,7 +90,7 @@ def _uneven_layer_shape(meta: "CheckpointMeta", layer: int, tp_rank: int):
     return s.replace(num_query_groups=groups, num_attention_heads=groups * s.heads_per_group, ffn_hidden_size=ffn)
 
 
-def expected_rank_shapes(meta: "CheckpointMeta", tp_rank: int, pp_rank: int) -> dict[str, tuple[int, ...] | None]:
+def expected_rank_shapes(meta: CheckpointMeta, tp_rank: int, pp_rank: int) -> dict[str, tuple[int, ...] | None]:
     """{local-spec key: shape} of every tensor of rank (tp_rank, pp_rank), as the metadata implies it (None: an
     uneven shard whose shape is not checked)."""
     s = meta.shape
@@ -115,7 +120,7 @@ def _layer_count(keys) -> int:
     return len({int(m.group(1)) for k in keys if (m := _LAYER.match(k))})
 
 
-def check_rank_tensors(path: Path, model: Mapping[str, Any], meta: "CheckpointMeta", tp_rank: int, pp_rank: int,
+def check_rank_tensors(path: Path, model: Mapping[str, Any], meta: CheckpointMeta, tp_rank: int, pp_rank: int,
                        meta_source: str) -> None:
     """Keys and shapes of one rank's model state dict against the metadata (`meta_source` names where it is)."""
     s = meta.shape
@@ -141,35 +146,44 @@ def check_rank_tensors(path: Path, model: Mapping[str, Any], meta: "CheckpointMe
                 f"{meta.padded_vocab_size})")
 
 
-def meta_source(root: Path) -> str:
-    from megatron_prune.checkpoint.megatron_io import META
-
-    path = Path(root) / META
-    return str(path) if path.is_file() else f"{root}'s Megatron-LM args"
-
-
-def check_rank_state(path: Path, state: Mapping[str, Any], meta: "CheckpointMeta", tp_rank: int, pp_rank: int,
-                     root: Path) -> None:
-    """Everything one rank file must agree on with its folder and the checkpoint's metadata."""
+def check_rank_state(path: Path, state: Mapping[str, Any], meta: CheckpointMeta, tp_rank: int, pp_rank: int,
+                     meta_source: str) -> None:
+    """Everything one rank file must agree on with its folder and the checkpoint's metadata (`meta_source` names
+    where that metadata came from, for the messages)."""
     if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
         raise CheckpointError(f"{path}: not a Megatron rank file (no 'model' state dict)")
     check_rank_record(path, state, tp_rank, pp_rank, meta.tp, meta.pp)
-    check_rank_tensors(path, state["model"], meta, tp_rank, pp_rank, meta_source(root))
+    check_rank_tensors(path, state["model"], meta, tp_rank, pp_rank, meta_source)
 
 
-def check_checkpoint(root: Path, meta: "CheckpointMeta", iteration) -> None:
-    """Every rank file present, in its own folder, with the layers and shapes the metadata implies. Reads only
-    the pickles (tensors are loaded onto the meta device), so it costs milliseconds even for 7B."""
-    from megatron_prune.checkpoint import megatron_io as mio
+# ----------------------------------------------------------------------------- torch_dist global tensors
+def expected_dist_shapes(meta: CheckpointMeta) -> dict[str, tuple[int, ...]]:
+    """{torch_dist key: global shape}: the TP=1 tensors of one stage holding every layer (stacked on axis 0)."""
+    s = meta.shape
+    out = {}
+    for mkey, hf_keys, kind in stage_tensor_maps(s.num_layers, 1, 0, s.tie_word_embeddings):
+        one = _split_shape(kind, hf_keys, _full_shapes(s), 1, 0, s, meta.padded_vocab_size)
+        key = dist_name(mkey)
+        out[key] = (s.num_layers, *one) if key != mkey else one
+    return out
 
-    for pp_rank in range(meta.pp):
-        for tp_rank in range(meta.tp):
-            path = mio.rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
-                                      f"tp={meta.tp}, pp={meta.pp})")
-            state = mio.load_rank_file(path, map_location="meta", mmap=False)
-            check_rank_state(path, state, meta, tp_rank, pp_rank, root)
+
+def check_dist_shapes(path: Path, tensors: Mapping[str, tuple[int, ...]], meta: CheckpointMeta,
+                      meta_source: str) -> None:
+    """The global tensors of a torch_dist checkpoint (`tensors`: key -> shape, from its index) against the meta.
+    The vocab tables may hold any padding (rows past the vocabulary); everything else must match exactly."""
+    s = meta.shape
+    for key, want in expected_dist_shapes(meta).items():
+        if key not in tensors:
+            raise CheckpointError(f"{path}: no tensor {key!r}, which {meta_source} implies (num_layers="
+                                  f"{s.num_layers}, tied embeddings={s.tie_word_embeddings})")
+        got = tuple(tensors[key])
+        vocab = key.endswith("word_embeddings.weight") or key == "output_layer.weight"
+        if got != want and not (vocab and len(got) == 2 and got[1] == want[1] and got[0] >= s.vocab_size):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has global shape {list(got)}, but {meta_source} implies {list(want)} "
+                f"(layers={s.num_layers}, hidden={s.hidden_size}, heads={s.num_attention_heads}, groups="
+                f"{s.num_query_groups}, kv_channels={s.kv_channels}, ffn={s.ffn_hidden_size}, vocab={s.vocab_size})")
 
 
 # ----------------------------------------------------------------------------- finite values

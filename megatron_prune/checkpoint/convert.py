@@ -6,7 +6,7 @@ megatron_to_hf_stage merges the TP shards of one pipeline stage back into HF ten
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -63,8 +63,9 @@ def hf_to_megatron_rank(get: Getter, shape: LlamaShape, tp: int, pp: int, tp_ran
 
 def megatron_to_hf_stage(rank_sds: Sequence[dict[str, torch.Tensor]], shape: LlamaShape, pp: int, pp_rank: int,
                          dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors of one pipeline stage from its TP shards (any TP size; uneven shards allowed)."""
-    sds = [to_local_names(sd) for sd in rank_sds]
+    """HF tensors of one pipeline stage from its TP shards (any TP size; uneven shards allowed). A shard may be a
+    lazy Mapping (not a dict) in local-spec names: its tensors are then looked up one at a time, in stage order."""
+    sds = [sd if isinstance(sd, Mapping) and not isinstance(sd, dict) else to_local_names(sd) for sd in rank_sds]
     layers = stage_layers(shape.num_layers, pp, pp_rank)
     for mkey, hf_keys, kind in stage_tensor_maps(shape.num_layers, pp, pp_rank, shape.tie_word_embeddings):
         if mkey == OUTPUT.mcore and hf_keys == EMBEDDING.hf:

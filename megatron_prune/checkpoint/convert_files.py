@@ -10,9 +10,11 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
-from megatron_prune.checkpoint.consistency import NonFiniteError, check_checkpoint, describe_non_finite, is_finite
+from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.convert import hf_to_megatron_rank, megatron_to_hf_stage
-from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
+from megatron_prune.checkpoint.dist_files import STAGING, finish_dist
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import HFReader, copy_tokenizer_files, write_hf_checkpoint
 from megatron_prune.checkpoint.keys import (OUTPUT, hf_expected_keys, is_ignored_hf_key, stage_tensor_maps,
                                             to_local_names)
 from megatron_prune.config.shape import DTYPE_BYTES, DTYPES, canonical_dtype, torch_dtype
@@ -38,9 +40,13 @@ def _check_hf_keys(reader: HFReader) -> None:
 
 def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
                    divisible_by: int = 128, te_names: bool = False, overwrite: bool = False,
-                   progress: bool = True, allow_non_finite: bool = False) -> mio.CheckpointMeta:
+                   progress: bool = True, allow_non_finite: bool = False, ckpt_format: str = "torch"
+                   ) -> mio.CheckpointMeta:
     """Convert an HF LLaMA directory to Megatron shards at (tp, pp), one output rank at a time. Every tensor is
-    checked for NaN / Inf as it is made (unless allow_non_finite)."""
+    checked for NaN / Inf as it is made (unless allow_non_finite). torch_dist: the rank files are staged inside the
+    temporary output and saved by megatron-core from there (dist_files)."""
+    if ckpt_format not in mio.FORMATS:
+        raise CheckpointError(f"--ckpt-format {ckpt_format!r} is not one of {', '.join(mio.FORMATS)}")
     check_output_dir(save, overwrite, inputs={"--hf-dir": hf_dir})
     with HFReader(hf_dir) as reader:
         src_dtype = reader.config.get("dtype") or reader.config.get("torch_dtype") or "float32"
@@ -52,12 +58,16 @@ def hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 
                                   make_vocab_size_divisible_by=divisible_by, te_names=te_names,
                                   hf_config=reader.config)
         meta = meta.with_history("convert", source=str(Path(hf_dir).resolve()), tp=tp, pp=pp, dtype=shape.dtype)
-        args = mio.megatron_args(meta)
-        check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
+        args = mio.megatron_args(meta, ckpt_format=ckpt_format)
+        copies = 2 if ckpt_format == "torch_dist" else 1  # the staged rank files, then the torch_dist files
+        check_free_space(Path(save).parent, copies * shape.num_params() * DTYPE_BYTES[shape.dtype], save)
         with atomic_dir(save, overwrite) as tmp:
+            out = tmp / STAGING if ckpt_format == "torch_dist" else tmp
             for pp_rank in range(pp):
                 for tp_rank in range(tp):
-                    _write_converted_rank(reader, meta, args, tmp, tp_rank, pp_rank, progress, allow_non_finite)
+                    _write_converted_rank(reader, meta, args, out, tp_rank, pp_rank, progress, allow_non_finite)
+            if ckpt_format == "torch_dist":
+                finish_dist(tmp, meta, args)
             copy_tokenizer_files(Path(hf_dir), tmp)
             mio.write_meta(tmp, meta)
             mio.write_tracker(tmp, "release")
@@ -95,34 +105,28 @@ def _raise_non_finite_hf(reader: HFReader, hf_keys, dtype: str) -> None:
     raise NonFiniteError(f"{reader[hf_keys[0]].path}: tensor {hf_keys[0]!r} gives non-finite values")
 
 
-def check_rank_files(root: Path, meta: mio.CheckpointMeta, iteration) -> None:
-    """Every rank file present, in its own folder, with the layers and tensor shapes the meta implies."""
-    check_checkpoint(Path(root), meta, iteration)
-
-
 def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False,
                    progress: bool = True, max_shard_bytes: int = 5 * 2**30,
                    allow_non_finite: bool = False) -> mio.CheckpointMeta:
-    """Merge Megatron shards (any TP/PP, even or uneven) into an HF LLaMA directory. The checkpoint is checked
-    against its meta before anything is written, and every merged tensor for NaN / Inf (unless allowed)."""
+    """Merge Megatron shards (any TP/PP, even or uneven, legacy or torch_dist) into an HF LLaMA directory. The
+    checkpoint is checked against its meta before anything is written, and every merged tensor for NaN / Inf
+    (unless allowed). Rank files are memory-mapped; a torch_dist checkpoint is read one layer at a time."""
     load = Path(load)
     check_output_dir(save, overwrite, inputs={"--load": load})
-    meta = mio.read_meta(load)
-    iteration = mio.read_tracker(load)
-    check_rank_files(load, meta, iteration)
+    ck = mio.open_checkpoint(load)
+    meta = ck.meta
     shape = meta.shape.replace(dtype=canonical_dtype(dtype or meta.shape.dtype))
     config = shape.to_hf_config(meta.hf_config)
     config["vocab_size"] = shape.vocab_size
     check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
+    stages = ck.read_stages()
 
     def tensors():
-        for pp_rank in tqdm(range(meta.pp), desc="stages", disable=not progress or meta.pp == 1, leave=False):
-            sds = [mio.load_rank(load, tp_rank, pp_rank, meta, iteration)["model"]
-                   for tp_rank in tqdm(range(meta.tp), desc=f"read stage {pp_rank}", disable=not progress,
-                                       leave=False)]
-            for key, t in megatron_to_hf_stage(sds, meta.shape, meta.pp, pp_rank, torch_dtype(shape.dtype)):
+        for pp_rank in tqdm(range(stages.pp), desc="stages", disable=not progress or stages.pp == 1, leave=False):
+            sds = stages.models(pp_rank)
+            for key, t in megatron_to_hf_stage(sds, meta.shape, stages.pp, pp_rank, torch_dtype(shape.dtype)):
                 if not allow_non_finite and not is_finite(t):
-                    _raise_non_finite_mg(load, meta, iteration, pp_rank, sds, key, shape.dtype)
+                    _raise_non_finite_mg(ck, stages.pp, pp_rank, sds, key, shape.dtype)
                 yield key, t
 
     with atomic_dir(save, overwrite) as tmp:
@@ -131,17 +135,17 @@ def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None,
     return meta
 
 
-def _raise_non_finite_mg(load: Path, meta: mio.CheckpointMeta, iteration, pp_rank: int, sds, hf_key: str,
-                         dtype: str) -> None:
-    """Name the rank file whose shard of `hf_key` holds NaN / Inf (rare path)."""
-    s = meta.shape
-    mkey = next(m for m, h, _ in stage_tensor_maps(s.num_layers, meta.pp, pp_rank, s.tie_word_embeddings)
+def _raise_non_finite_mg(ck: mio.OpenCheckpoint, pp: int, pp_rank: int, sds, hf_key: str, dtype: str) -> None:
+    """Name the rank file (or torch_dist directory) whose shard of `hf_key` holds NaN / Inf (rare path)."""
+    s = ck.meta.shape
+    mkey = next(m for m, h, _ in stage_tensor_maps(s.num_layers, pp, pp_rank, s.tie_word_embeddings)
                 if hf_key in h)
     for tp_rank, sd in enumerate(sds):
-        t = to_local_names(sd)[mkey]
+        t = sd[mkey] if not isinstance(sd, dict) else to_local_names(sd)[mkey]
         if not is_finite(t):
-            path = mio.rank_path(load, iteration, tp_rank, pp_rank, meta.pp)
-            raise NonFiniteError(f"{path}: tensor {mkey!r} holds non-finite values ({describe_non_finite(t)}); "
+            where = ck.folder if ck.format == "torch_dist" else mio.rank_path(ck.root, ck.iteration, tp_rank,
+                                                                               pp_rank, pp)
+            raise NonFiniteError(f"{where}: tensor {mkey!r} holds non-finite values ({describe_non_finite(t)}); "
                                  f"pass --allow-non-finite to export it anyway")
-    raise NonFiniteError(f"{load}: tensor {hf_key!r} overflows {dtype}: values beyond its range become Inf "
+    raise NonFiniteError(f"{ck.root}: tensor {hf_key!r} overflows {dtype}: values beyond its range become Inf "
                          f"(export with --dtype fp32, or pass --allow-non-finite)")

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
+from megatron_prune.checkpoint.errors import CheckpointError
 from megatron_prune.checkpoint.keys import hf_expected_shapes
-from megatron_prune.errors import UserError
 from megatron_prune.config.shape import LlamaShape, read_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -22,10 +23,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.json")
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint on disk that is missing, truncated or inconsistent; the message names the file."""
 
 
 class LazyTensor:
@@ -37,7 +34,7 @@ class LazyTensor:
     def __getitem__(self, idx) -> torch.Tensor:
         try:
             return self._source(idx)
-        except Exception as e:  # safetensors raises on truncated data only when the bytes are read
+        except (OSError, SafetensorError) as e:  # truncated data shows only when its bytes are read
             raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} ({e})") from None
 
     def full(self) -> torch.Tensor:

@@ -73,6 +73,16 @@ def to_te_names(sd: dict) -> dict:
     return _rename(sd, _TO_TE)
 
 
+_LAYER_PREFIX = re.compile(r"^decoder\.layers\.\d+\.")
+
+
+def dist_name(key: str) -> str:
+    """The key of a local-spec (or TE) tensor in megatron-core's sharded state dict (torch_dist checkpoints): the
+    TE spelling with the layer index dropped (layers are stacked along a leading axis there)."""
+    (te,) = to_te_names({key: None})
+    return _LAYER_PREFIX.sub("decoder.layers.", te)
+
+
 def to_local_names(sd: dict) -> dict:
     """Transformer Engine keys -> local-spec keys; TE-only `core_attention._extra_state` entries are dropped."""
     sd = {k: v for k, v in sd.items() if not k.endswith("core_attention._extra_state")}

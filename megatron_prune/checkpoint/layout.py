@@ -144,6 +144,27 @@ def merge_fc1(shards: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(gates), torch.cat(ups)
 
 
+# ----------------------------------------------------------------------------- a TP rank's blocks of the TP=1 tensor
+def shard_blocks(kind: str, dims: Sequence[int], tp: int, rank: int) -> tuple[int, list[range]]:
+    """(dim, blocks): the rows (dim 0) or columns (dim 1) of the TP=1 Megatron tensor of `dims` (qkv grouped, fc1
+    [gate; up], vocab padded) that TP rank `rank` of `tp` holds; its shard is their concatenation in this order (what
+    the split functions make from the HF tensors). megatron-core's torch_dist global tensors are these TP=1 tensors."""
+    if kind == "replicated":
+        return 0, [range(dims[0])]
+    if kind == "row":
+        return 1, [rank_range(dims[1], tp, rank)]
+    if kind == "fc1":
+        half = _even(dims[0], 2, "fc1 rows [gate; up]")
+        gate = rank_range(half, tp, rank)
+        return 0, [gate, range(half + gate.start, half + gate.stop)]
+    return 0, [rank_range(dims[0], tp, rank)]  # column, vocab, qkv (a rank's query groups are contiguous rows)
+
+
+def split_dim(kind: str) -> int:
+    """The dimension a layout kind splits over TP ranks (replicated: none; 0 by convention)."""
+    return 1 if kind == "row" else 0
+
+
 # ----------------------------------------------------------------------------- ownership: rank r owns block r
 def block_range(size: int, rank: int) -> range:
     """Global indices held by `rank` when every rank holds `size` consecutive ones (e.g. a vocab logit slice)."""

@@ -1,4 +1,6 @@
-"""Megatron-LM's legacy `torch` checkpoint layout, plus our `megatron_prune.json` beside it.
+"""Megatron checkpoints on disk: Megatron-LM's legacy `torch` layout (rank files), its `torch_dist` layout
+(checkpoint.dist_ckpt), and our `megatron_prune.json` beside either. `open_checkpoint` is the one way in: tracker,
+meta, format, and every file checked against the meta before a tensor is read.
 
     ROOT/latest_checkpointed_iteration.txt         "release" (converted/pruned) or the iteration (training)
     ROOT/release/mp_rank_TT/model_optim_rng.pt      PP=1   (iter_XXXXXXX/ for training checkpoints)
@@ -17,69 +19,39 @@ read as iter_0000000/. Each rank file is {"model": state_dict, "args": Namespace
 "iteration": N}; `args` carries Megatron-LM's field names (see mlm_compat). The rank record
 "megatron_prune_rank": {"tp_rank", "pp_rank", "tp", "pp"} says which folder the file belongs in (Megatron-LM ignores
 keys it does not know); every rank file read is checked against its folder and the meta (checkpoint.consistency).
+Rank files and args are unpickled with checkpoint.safe_pickle: no code runs, whatever Megatron-LM version wrote them.
+
+A `torch_dist` iteration directory (metadata.json + .metadata + *.distcp) holds TP/PP-independent global tensors:
+it is read at any (tp, pp) (`open_checkpoint(root, tp, pp)`), its meta from megatron_prune.json when we wrote it,
+else from the args in its common state.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_prune.checkpoint.consistency import RANK_RECORD, check_rank_state, rank_record
-from megatron_prune.checkpoint import mlm_compat
+from megatron_prune.checkpoint import dist_ckpt, mlm_compat, safe_pickle
 from megatron_prune.checkpoint.atomic import atomic_file, atomic_write_text
-from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.config.shape import LlamaShape, RopeScaling
+from megatron_prune.checkpoint.consistency import (RANK_RECORD, check_dist_shapes, check_rank_state,
+                                                   rank_record)
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.meta import CheckpointMeta
+from megatron_prune.config.shape import LlamaShape, RopeScaling, ShapeError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_prune.json"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values we read and write
 
-torch.serialization.add_safe_globals([argparse.Namespace])
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    shape: LlamaShape
-    tp: int
-    pp: int
-    padded_vocab_size: int
-    make_vocab_size_divisible_by: int = 128
-    te_names: bool = False
-    hf_config: dict = field(default_factory=dict)
-    history: tuple = ()
-    # Uneven shards (global-mode pruning): {"groups": [[g_rank0, g_rank1, ...] per layer], "ffn": [[...] per layer]}
-    # (heads per group are equal everywhere); None when every rank holds the same sizes.
-    rank_sizes: dict | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.update(format=1, shape=self.shape.to_dict(), dtype=self.shape.dtype, history=list(self.history))
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CheckpointMeta":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        kw["shape"] = LlamaShape.from_dict(d["shape"])
-        kw["history"] = tuple(d.get("history", ()))
-        return cls(**kw)
-
-    def with_history(self, op: str, **details: Any) -> "CheckpointMeta":
-        entry = {"op": op, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
-        return dataclasses.replace(self, history=(*self.history, entry))
-
-    def replace(self, **changes: Any) -> "CheckpointMeta":
-        return dataclasses.replace(self, **changes)
+torch.serialization.add_safe_globals([argparse.Namespace])  # for plain weights_only loads of our own rank files
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -214,11 +186,25 @@ def read_meta(root: str | Path) -> CheckpointMeta:
                                   f"and {iteration_meta_path(root, tracked)} is missing")
         return meta
     iteration = read_tracker(root)
-    args = _first_rank_args(root, iteration)
+    where, args = _first_rank_args(root, iteration)
+    return llama_meta_from_args(args, where)
+
+
+def llama_meta_from_args(args: Any, where: Path | str) -> CheckpointMeta:
+    """The meta of a checkpoint written by Megatron-LM, from its args (`where`: the file they came from): a LLaMA
+    architecture and every field we need present and valid; fields we do not need may hold anything."""
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(f"{where}: 'args' is {type(args).__name__}, not Megatron-LM's argparse.Namespace")
     problems = mlm_compat.non_llama_settings(args)
     if problems:
-        raise CheckpointError(f"{root}: not a LLaMA-architecture checkpoint: {', '.join(problems)}")
-    return meta_from_args(args)
+        raise CheckpointError(f"{where}: not a LLaMA-architecture checkpoint: {', '.join(problems)}")
+    try:
+        return meta_from_args(args)
+    except ShapeError as e:
+        raise CheckpointError(f"{where}: args: {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: args lack a field the model shape needs ({type(e).__name__}: {e})") \
+            from None
 
 
 def _parse_meta(path: Path) -> tuple[CheckpointMeta, int | str | None]:
@@ -230,12 +216,21 @@ def _parse_meta(path: Path) -> tuple[CheckpointMeta, int | str | None]:
         raise CheckpointError(f"{path}: invalid ({e})") from None
 
 
-def _first_rank_args(root: Path, iteration: int | str) -> argparse.Namespace:
+def _first_rank_args(root: Path, iteration: int | str) -> tuple[Path, Any]:
+    """(the file, the args) of a Megatron-LM checkpoint: rank 0's file, or a torch_dist common state."""
+    folder = root / iteration_dir_name(iteration)
+    if dist_ckpt.is_dist_dir(folder):
+        index = dist_ckpt.read_index(folder)
+        return folder, dist_ckpt.read_common(index).get("args")
     for pp in (1, 2):
         path = rank_path(root, iteration, 0, 0, pp)
         if path.is_file():
-            return load_rank_file(path)["args"]
-    raise CheckpointError(f"{root}: no rank files under {iteration_dir_name(iteration)}/")
+            state = load_rank_file(path)
+            return path, state.get("args") if isinstance(state, dict) else None
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing ({root / TRACKER} names iteration {iteration})")
+    raise CheckpointError(f"{folder}: no rank files (mp_rank_00*/{RANK_FILE}) and no torch_dist files "
+                          f"({dist_ckpt.CONFIG_FILE}, {dist_ckpt.INDEX_FILE})")
 
 
 def meta_from_args(a: argparse.Namespace) -> CheckpointMeta:
@@ -258,46 +253,158 @@ def meta_from_args(a: argparse.Namespace) -> CheckpointMeta:
 
 
 def load_rank_file(path: Path, map_location: str = "cpu", mmap: bool = True) -> dict[str, Any]:
-    """A rank file, weights_only. One written by Megatron-LM holds megatron-core enums in its args: those
-    explicitly allow-listed types (mlm_compat.SAFE_GLOBAL_NAMES) are admitted, nothing else."""
+    """A rank file, read with checkpoint.safe_pickle: tensors, args of any Megatron-LM version (types we do not
+    import become inert Opaque values), never running code; a code payload is refused."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing rank file")
     try:
-        try:
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
-        except Exception as e:
-            if not mlm_compat.is_unsupported_global(e):
-                raise
-        with torch.serialization.safe_globals(mlm_compat.megatron_core_safe_globals()):
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    """torch's weights_only refusal spans many lines; keep the refused global's name."""
-    text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return f"{found.group(1)} is not an allowed type (not on megatron_prune's allow-list)"
-    return " ".join(text.split())
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False, pickle_module=safe_pickle)
+    except safe_pickle.PayloadError as e:
+        raise CheckpointError(f"{path}: refused: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a file that does not unpickle is the file's fault
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def load_rank(root: str | Path, tp_rank: int, pp_rank: int, meta: CheckpointMeta | None = None,
               iteration: int | str | None = None) -> dict[str, Any]:
-    """One rank's file, checked against its folder and the checkpoint's meta (parallel sizes, iteration, layers,
-    tensor shapes)."""
+    """One rank's state ({"model": local-spec state dict, "args": ..., ...}), checked against its folder and the
+    checkpoint's meta (parallel sizes, iteration, layers, tensor shapes). A torch_dist checkpoint gives the shard of
+    rank (tp_rank, pp_rank) at the meta's (tp, pp), read by megatron-core (with megatron-core <= 0.16 under a
+    multi-rank process group this is a collective: every rank calls it once)."""
     root = Path(root)
     meta = meta or read_meta(root)
     iteration = read_tracker(root) if iteration is None else iteration
+    folder = root / iteration_dir_name(iteration)
+    if dist_ckpt.is_dist_dir(folder):
+        return _load_dist_rank(folder, meta, tp_rank, pp_rank)
     path = rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
     state = load_rank_file(path)
-    args = state.get("args")
-    if args is not None and (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) != (meta.tp, meta.pp):
-        raise CheckpointError(f"{path}: written for tp={args.tensor_model_parallel_size}, "
-                              f"pp={args.pipeline_model_parallel_size}, but the checkpoint is tp={meta.tp}, pp={meta.pp}")
-    want = 0 if iteration == "release" else iteration
-    if state.get("iteration", want) != want:
-        raise CheckpointError(f"{path}: iteration {state.get('iteration')} differs from the tracker's {iteration}")
-    check_rank_state(path, state, meta, tp_rank, pp_rank, root)
+    args = state.get("args") if isinstance(state, dict) else None
+    sizes = (getattr(args, "tensor_model_parallel_size", None), getattr(args, "pipeline_model_parallel_size", None))
+    if args is not None and sizes != (meta.tp, meta.pp):
+        raise CheckpointError(f"{path}: written for tp={sizes[0]}, pp={sizes[1]}, but the checkpoint is "
+                              f"tp={meta.tp}, pp={meta.pp}")
+    _check_iteration(path, state, iteration)
+    check_rank_state(path, state, meta, tp_rank, pp_rank, meta_source(root))
     return state
+
+
+def _check_iteration(path: Path, state: Any, iteration: int | str) -> None:
+    want = 0 if iteration == "release" else iteration
+    got = state.get("iteration", want) if isinstance(state, dict) else want
+    if got != want:
+        raise CheckpointError(f"{path}: iteration {got!r} differs from the tracker's {iteration}")
+
+
+def _load_dist_rank(folder: Path, meta: CheckpointMeta, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    index = dist_ckpt.read_index(folder)
+    state = dist_ckpt.read_common(index)
+    pieces = dist_ckpt.rank_pieces(index, meta.shape, meta.tp, meta.pp, tp_rank, pp_rank, meta.padded_vocab_size)
+    state["model"] = dist_ckpt.load_pieces(index, pieces)
+    return state
+
+
+def meta_source(root: str | Path) -> str:
+    """Where a checkpoint's meta comes from, for messages: our megatron_prune.json, else Megatron-LM's args."""
+    path = Path(root) / META
+    return str(path) if path.is_file() else f"{root}'s Megatron-LM args"
+
+
+def check_rank_files(root: Path, meta: CheckpointMeta, iteration: int | str) -> None:
+    """Every rank file of a legacy checkpoint present, in its own folder, with the layers and shapes the meta
+    implies. Reads only the pickles (tensors go to the meta device): milliseconds even for 7B."""
+    source = meta_source(root)
+    for pp_rank in range(meta.pp):
+        for tp_rank in range(meta.tp):
+            path = rank_path(root, iteration, tp_rank, pp_rank, meta.pp)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing rank file (tp_rank={tp_rank}, pp_rank={pp_rank}, "
+                                      f"tp={meta.tp}, pp={meta.pp})")
+            check_rank_state(path, load_rank_file(path, map_location="meta", mmap=False), meta, tp_rank, pp_rank,
+                             source)
+
+
+def check_dist_files(folder: Path, meta: CheckpointMeta, iteration: int | str, source: str) -> None:
+    """A torch_dist iteration directory: its config, index and chunk files, its common state's iteration, and the
+    global shape of every tensor against the meta. Reads no tensor data."""
+    index = dist_ckpt.read_index(folder)
+    _check_iteration(folder / dist_ckpt.INDEX_FILE, dist_ckpt.read_common(index), iteration)
+    check_dist_shapes(folder, {k: v.shape for k, v in index.tensors.items()}, meta, source)
+
+
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A Megatron checkpoint whose files were checked against its meta (what `open_checkpoint` returns)."""
+
+    root: Path
+    meta: CheckpointMeta        # at the parallel sizes it is read at
+    iteration: int | str        # "release" for step-0 checkpoints
+    format: str                 # "torch" (rank files) or "torch_dist"
+
+    @property
+    def folder(self) -> Path:
+        return self.root / iteration_dir_name(self.iteration)
+
+    def load_rank(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        return load_rank(self.root, tp_rank, pp_rank, self.meta, self.iteration)
+
+    def read_stages(self) -> "StageView":
+        """The model stage by stage, lazily: rank files at their own (tp, pp), memory-mapped; a torch_dist
+        checkpoint as one stage at TP=1, one layer at a time (its tensors do not depend on the sizes)."""
+        if self.format == "torch":
+            return StageView(self, self.meta.tp, self.meta.pp)
+        return StageView(self, 1, 1)
+
+
+@dataclass(frozen=True)
+class StageView:
+    ck: OpenCheckpoint
+    tp: int
+    pp: int
+
+    def models(self, pp_rank: int) -> list:
+        """The model state dicts of stage `pp_rank`, one per TP rank (lazy Mappings for torch_dist)."""
+        ck = self.ck
+        if ck.format == "torch":
+            return [ck.load_rank(r, pp_rank)["model"] for r in range(self.tp)]
+        index = dist_ckpt.read_index(ck.folder)
+        meta = ck.meta.at(self.tp, self.pp)
+        return [dist_ckpt.StageReader(index, dist_ckpt.rank_pieces(index, meta.shape, self.tp, self.pp, r, pp_rank,
+                                                                     meta.padded_vocab_size))
+                for r in range(self.tp)]
+
+
+def read_args(ck: OpenCheckpoint) -> Any:
+    """The Megatron-LM args a checkpoint stores (rank 0's file, or a torch_dist common state); may be None."""
+    if ck.format == "torch_dist":
+        return dist_ckpt.read_common(dist_ckpt.read_index(ck.folder)).get("args")
+    state = load_rank_file(rank_path(ck.root, ck.iteration, 0, 0, ck.meta.pp), map_location="meta", mmap=False)
+    return state.get("args") if isinstance(state, dict) else None
+
+
+def checkpoint_format(root: str | Path, iteration: int | str | None = None) -> str:
+    """"torch_dist" when the tracked iteration directory holds megatron-core's dist-checkpoint files, else "torch"."""
+    root = Path(root)
+    iteration = read_tracker(root) if iteration is None else iteration
+    return "torch_dist" if dist_ckpt.is_dist_dir(root / iteration_dir_name(iteration)) else "torch"
+
+
+def open_checkpoint(root: str | Path, tp: int | None = None, pp: int | None = None) -> OpenCheckpoint:
+    """The one way into a Megatron checkpoint: tracker, meta, format, and every file checked against the meta
+    before any tensor is read (rank files: record, layers, shapes; torch_dist: config, index, chunk files, the
+    common state's iteration, global shapes). `tp`/`pp`: read a torch_dist checkpoint at these sizes (any that
+    divide the model); a legacy one keeps the sizes it was written with (`reshard` changes them)."""
+    root = Path(root)
+    iteration = read_tracker(root)
+    meta = read_meta(root)
+    folder = root / iteration_dir_name(iteration)
+    if not dist_ckpt.is_dist_dir(folder):
+        check_rank_files(root, meta, iteration)
+        return OpenCheckpoint(root, meta, iteration, "torch")
+    check_dist_files(folder, meta, iteration, meta_source(root))
+    want = (tp or meta.tp, pp or meta.pp)
+    try:
+        meta = meta.at(*want)
+    except ShapeError as e:
+        raise ShapeError(f"{root}: cannot be read at tp={want[0]}, pp={want[1]}: {e}") from None
+    return OpenCheckpoint(root, meta, iteration, "torch_dist")

@@ -8,53 +8,38 @@ field only when its own parser has a field of that name: the norm epsilon is `no
 the TransformerConfig field `layernorm_epsilon` (CLI flag still `--norm-epsilon`) since core_v0.16.1, so both are
 written, or its converter silently falls back to 1e-5.
 
-Read: both epsilon spellings, llama3 rope scaling, and the megatron-core enum types (e.g.
-`attention_backend=AttnBackend.auto`, `model_type=ModelType.encoder_or_decoder`) Megatron-LM's own `args` hold,
-which torch's weights_only unpickler refuses unless they are allow-listed. The allow-list names each type
-explicitly; nothing is ever loaded with weights_only=False.
+Read: both epsilon spellings and llama3 rope scaling. The rank files' args are read with checkpoint.safe_pickle:
+types Megatron-LM stores there that we do not import (megatron-core enums, `signal.Signals`, numpy RNG states, ...)
+are inert `Opaque` values; `plain_args` drops them before args are written again (Megatron-LM reads its args with
+torch's weights_only loader, which knows no Opaque).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import copy
 from typing import Any
 
-# module:name of every megatron-core type Megatron-LM's saved `args` may hold (enums and plain config objects).
-# A name missing from the installed megatron-core version is skipped.
-SAFE_GLOBAL_NAMES = (
-    "megatron.core.transformer.enums:ModelType",
-    "megatron.core.transformer.enums:LayerType",
-    "megatron.core.transformer.enums:AttnType",
-    "megatron.core.transformer.enums:AttnMaskType",
-    "megatron.core.transformer.enums:AttnBackend",
-    "megatron.core.transformer.enums:CudaGraphScope",
-    "megatron.core.enums:ModelType",
-    "megatron.core.enums:Fp8Recipe",
-    "megatron.core.enums:Fp4Recipe",
-    "megatron.core.dist_checkpointing.validation:StrictHandling",
-    "megatron.core.rerun_state_machine:RerunMode",
-    "megatron.core.rerun_state_machine:RerunDiagnostic",
-    # --pipeline-model-parallel-layout is stored as this plain object (its state: strings, ints, LayerType lists)
-    "megatron.core.transformer.pipeline_parallel_layer_layout:PipelineParallelLayerLayout",
-)
+from megatron_prune.checkpoint.safe_pickle import Opaque
 
 
-def megatron_core_safe_globals() -> list[type]:
-    """The allow-listed megatron-core types (imports megatron-core: call only when a file needs them)."""
-    out = []
-    for spec in SAFE_GLOBAL_NAMES:
-        module, name = spec.split(":")
-        try:
-            out.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
+def plain_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `args` without the fields that hold inert values of types we did not import."""
+    out = copy.copy(args)
+    for name, value in list(vars(out).items()):
+        if _holds_opaque(value):
+            delattr(out, name)
     return out
 
 
-def is_unsupported_global(exc: BaseException) -> bool:
-    """torch's weights_only unpickler refusing a global (a type not on its allow-list)."""
-    return "Unsupported global" in str(exc) or "not an allowed global" in str(exc)
+def _holds_opaque(value: Any) -> bool:
+    if isinstance(value, Opaque):
+        return True
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_opaque(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_opaque(v) for v in value.values())
+    return False
 
 
 def megatron_lm_fields(norm_eps: float) -> dict[str, Any]:

@@ -18,11 +18,9 @@ per DP rank and parameter layout and cannot be re-split exactly); the history en
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,69 +29,27 @@ from tqdm import tqdm
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
-from megatron_prune.checkpoint.convert_files import check_rank_files
-from megatron_prune.checkpoint.hf_io import CheckpointError
-from megatron_prune.checkpoint.keys import stage_extra_state_keys, stage_tensor_maps, to_local_names, to_te_names
+from megatron_prune.checkpoint.dist_files import STAGING, dist_common, legacy_to_dist, write_legacy_from_dist
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.byteio import (CHUNK, RankFileIO, TensorRef, as_bytes, copy_range, pread_into,
+                                              pwrite_all, read_refs, read_tensor)
+from megatron_prune.checkpoint.keys import stage_extra_state_keys, stage_tensor_maps, to_te_names
 from megatron_prune.checkpoint.reshard import PAD, TensorPlan, assemble, plan_rank
-from megatron_prune.config.shape import ShapeError
+from megatron_prune.config.shape import DTYPE_BYTES, ShapeError
+from megatron_prune.errors import InputError
 
 ROOT_SKIP = {mio.TRACKER, mio.META}
 ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "kv_channels", "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size")
-CHUNK = 1 << 20  # bytes per read/write through memory: cache-sized buffers copy fastest
 BLOCK = 1 << 20  # bytes of rows per gather block (linear_proj, linear_fc2)
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Where one source tensor's bytes are: a contiguous run of its rank file."""
-
-    path: Path
-    offset: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _storage_offset(t: torch.Tensor) -> int | None:
-    return getattr(t.untyped_storage(), "_checkpoint_offset", None)
-
-
-def read_refs(path: Path) -> tuple[dict, dict[str, TensorRef]]:
-    """(rank state without "model", {local key: TensorRef}) of one rank file, reading no tensor data."""
-    state = mio.load_rank_file(path, map_location="meta", mmap=False)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path}: not a Megatron rank file (no 'model' state dict)")
-    size, refs = path.stat().st_size, {}
-    for key, t in to_local_names(state.pop("model")).items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        base = _storage_offset(t)
-        if base is None:
-            raise CheckpointError(f"torch {torch.__version__} does not report tensor offsets of meta loads; "
-                                  f"resharding needs a newer torch (developed with 2.13)")
-        if not t.is_contiguous():
-            raise CheckpointError(f"{path}: tensor {key!r} is not contiguous (stride {t.stride()})")
-        ref = TensorRef(path, base + t.storage_offset() * t.element_size(), tuple(t.shape), t.dtype)
-        if ref.offset + ref.nbytes > size:
-            raise CheckpointError(f"{path}: truncated ({size} bytes; tensor {key!r} ends at byte "
-                                  f"{ref.offset + ref.nbytes})")
-        refs[key] = ref
-    return state, refs
 
 
 class SourceCheckpoint:
     """A source checkpoint, validated on construction: every rank file present and readable, one iteration, the
     same model args everywhere, exactly the tensors its shape and layout call for."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.meta = mio.read_meta(self.root)
-        self.iteration = mio.read_tracker(self.root)
-        check_rank_files(self.root, self.meta, self.iteration)
+    def __init__(self, ck: mio.OpenCheckpoint):
+        self.root, self.meta, self.iteration = ck.root, ck.meta, ck.iteration
         self.refs: dict[tuple[int, int], dict[str, TensorRef]] = {}
         self.args = None
         ref_args = None
@@ -117,11 +73,10 @@ class SourceCheckpoint:
             raise CheckpointError(f"{path}: iteration {state.get('iteration')} differs from the tracker's "
                                   f"{self.iteration}")
         args = state.get("args")
-        if args is not None and (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) != (
-                self.meta.tp, self.meta.pp):
-            raise CheckpointError(f"{path}: written for tp={args.tensor_model_parallel_size}, pp="
-                                  f"{args.pipeline_model_parallel_size}, but the checkpoint is tp={self.meta.tp}, "
-                                  f"pp={self.meta.pp}")
+        sizes = (getattr(args, "tensor_model_parallel_size", None), getattr(args, "pipeline_model_parallel_size", None))
+        if args is not None and sizes != (self.meta.tp, self.meta.pp):
+            raise CheckpointError(f"{path}: written for tp={sizes[0]}, pp={sizes[1]}, but the checkpoint is "
+                                  f"tp={self.meta.tp}, pp={self.meta.pp}")
 
     def _check_keys(self, path: Path, pp_rank: int, refs: dict[str, TensorRef]) -> None:
         s = self.meta.shape
@@ -167,7 +122,7 @@ def plan_all(src: SourceCheckpoint, dst: mio.CheckpointMeta) -> dict[tuple[int, 
             try:
                 rank = plan_rank(shapes, src.meta.shape, src.meta.pp, dst.tp, dst.pp, tp_rank, pp_rank,
                                  dst.padded_vocab_size)
-            except ValueError as e:
+            except InputError as e:
                 raise CheckpointError(f"{src.root}: {e}") from None
             for plan in rank:
                 dtypes = {src.ref(plan, r).dtype for r in range(src.meta.tp)}
@@ -183,101 +138,21 @@ def plan_bytes(plans: list[TensorPlan], src: SourceCheckpoint) -> int:
 
 
 # ----------------------------------------------------------------------------- byte moving
-class _IO:
-    """Read-only descriptors of source rank files (opened on first use) and reusable scratch buffers (fresh
-    allocations would cost a page fault per 4 KiB on every tensor); released on exit."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if name not in self._buffers or self._buffers[name].numel() < nbytes:
-            self._buffers[name] = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self._buffers[name] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffers[name][:nbytes].view(dtype).view(shape)
-
-    def __enter__(self) -> "_IO":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._buffers.clear()
-
-
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _pread_into(fd: int, buffers: list[memoryview], offset: int, path: Path) -> None:
-    """Fill `buffers` (in order) from the contiguous file range at `offset`."""
-    want = sum(map(len, buffers))
-    if want and os.preadv(fd, buffers, offset) != want:  # regular files read short only when truncated
-        raise CheckpointError(f"{path}: truncated (short read at byte {offset}, {want} bytes wanted)")
-
-
-def read_tensor(ref: TensorRef, io: _IO, scratch: str | None = None) -> torch.Tensor:
-    """A source tensor in memory: a new tensor, or the reusable buffer `scratch` (valid until its next use)."""
-    t = io.buffer(scratch, ref.shape, ref.dtype) if scratch else torch.empty(ref.shape, dtype=ref.dtype)
-    data = _as_bytes(t)
-    for start in range(0, len(data), CHUNK):
-        _pread_into(io.fd(ref.path), [data[start:start + CHUNK]], ref.offset + start, ref.path)
-    return t
-
-
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:done + CHUNK], offset + done)
-
-
-_KERNEL_COPY = hasattr(os, "copy_file_range")
-
-
-def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int, path: Path) -> None:
-    """n bytes file to file: in the kernel (copy_file_range, like `cp`) where the filesystems allow it."""
-    global _KERNEL_COPY
-    while n > 0:
-        k = 0
-        if _KERNEL_COPY:
-            try:
-                k = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), src_off, dst_off)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                _KERNEL_COPY = False
-        if not _KERNEL_COPY:
-            data = os.pread(src_fd, min(n, CHUNK), src_off)
-            _pwrite_all(dst_fd, data, dst_off)
-            k = len(data)
-        if k == 0:
-            raise CheckpointError(f"{path}: truncated at byte {src_off}")
-        n, src_off, dst_off = n - k, src_off + k, dst_off + k
-
-
-def _fill_rows(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: _IO) -> None:
+def _fill_rows(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: RankFileIO) -> None:
     """Row pieces are contiguous byte ranges of the source files: copied file to file."""
     row = math.prod(plan.shape[1:]) * src.ref(plan, 0).dtype.itemsize
     for p in plan.pieces:
         n = (p.stop - p.start) * row
         if p.src == PAD:
             for start in range(0, n, CHUNK):
-                _pwrite_all(fd, bytes(min(CHUNK, n - start)), offset + start)
+                pwrite_all(fd, bytes(min(CHUNK, n - start)), offset + start)
         else:
             ref = src.ref(plan, p.src)
-            _copy_range(io.fd(ref.path), fd, n, ref.offset + p.start * row, offset, ref.path)
+            copy_range(io.fd(ref.path), fd, n, ref.offset + p.start * row, offset, ref.path)
         offset += n
 
 
-def _fill_columns(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: _IO) -> None:
+def _fill_columns(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: RankFileIO) -> None:
     """Column pieces (linear_proj, linear_fc2) are gathered a block of rows at a time: small enough (BLOCK) that
     the read and the write buffers stay in the CPU cache, which makes the two copies cost about one."""
     dtype = src.ref(plan, 0).dtype
@@ -290,22 +165,22 @@ def _fill_columns(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint,
         out, col = io.buffer("out", (n, cols), dtype), 0
         for ref, p in pieces:
             part = io.buffer("src", (n, ref.shape[1]), dtype)
-            _pread_into(io.fd(ref.path), [_as_bytes(part)], ref.offset + r0 * ref.shape[1] * dtype.itemsize,
+            pread_into(io.fd(ref.path), [as_bytes(part)], ref.offset + r0 * ref.shape[1] * dtype.itemsize,
                         ref.path)
             out[:, col:col + p.stop - p.start].copy_(part[:, p.start:p.stop])
             col += p.stop - p.start
-        _pwrite_all(fd, _as_bytes(out), offset + r0 * cols * dtype.itemsize)
+        pwrite_all(fd, as_bytes(out), offset + r0 * cols * dtype.itemsize)
 
 
-def _fill(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: _IO) -> None:
+def _fill(fd: int, offset: int, plan: TensorPlan, src: SourceCheckpoint, io: RankFileIO) -> None:
     """Write one target tensor's bytes at `offset` of an open output file."""
     if plan.kind == "replicated":
         shards = {r: read_tensor(src.ref(plan, r), io) for r in plan.sources()}
         try:
             full = assemble(plan, shards, src.ref(plan, 0).dtype)
-        except ValueError as e:
+        except InputError as e:
             raise CheckpointError(f"{src.root}: {plan.src_key} (stage {plan.src_stage}): {e}") from None
-        _pwrite_all(fd, _as_bytes(full), offset)
+        pwrite_all(fd, as_bytes(full), offset)
     elif plan.dim == 0:
         _fill_rows(fd, offset, plan, src, io)
     else:
@@ -324,7 +199,7 @@ def _streaming() -> bool:
 
 
 def write_rank_streamed(out: Path, tp_rank: int, pp_rank: int, plans: list[TensorPlan], src: SourceCheckpoint,
-                        dst: mio.CheckpointMeta, args, io: _IO, bar) -> Path:
+                        dst: mio.CheckpointMeta, args, io: RankFileIO, bar) -> Path:
     """Skeleton first (zip records and pickle; holes for the bytes), then each tensor's bytes in place."""
     by_key = {p.key: p for p in plans}
     names = _names(plans, stage_extra_state_keys(dst.shape.num_layers, dst.pp, pp_rank), dst.te_names)
@@ -345,7 +220,7 @@ def write_rank_streamed(out: Path, tp_rank: int, pp_rank: int, plans: list[Tenso
 
 
 def write_rank_in_memory(out: Path, tp_rank: int, pp_rank: int, plans: list[TensorPlan], src: SourceCheckpoint,
-                         dst: mio.CheckpointMeta, args, io: _IO, bar) -> Path:
+                         dst: mio.CheckpointMeta, args, io: RankFileIO, bar) -> Path:
     """The whole target shard in memory, then torch.save (CRC32s on request)."""
     by_key = {p.key: p for p in plans}
     names = _names(plans, stage_extra_state_keys(dst.shape.num_layers, dst.pp, pp_rank), dst.te_names)
@@ -363,29 +238,41 @@ def write_rank_in_memory(out: Path, tp_rank: int, pp_rank: int, plans: list[Tens
 
 # ----------------------------------------------------------------------------- entry point
 def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite: bool = False,
-            progress: bool = True, check_finite: bool = False) -> mio.CheckpointMeta:
-    """Change the TP/PP size of a Megatron checkpoint (even or uneven shards), one output rank at a time.
-    Everything is validated and planned before the first byte is written; the output appears atomically.
-    Each written rank is checked for NaN / Inf while its bytes are still in the page cache (unless allowed)."""
+            progress: bool = True, check_finite: bool = False, ckpt_format: str = "torch") -> mio.CheckpointMeta:
+    """Change the TP/PP size (and/or the format: `ckpt_format` "torch" or "torch_dist") of a Megatron checkpoint,
+    legacy (even or uneven shards) or torch_dist, one output rank at a time. Everything is validated and planned
+    before the first byte is written; the output appears atomically. With check_finite each written rank is checked
+    for NaN / Inf while its bytes are still in the page cache."""
+    if ckpt_format not in mio.FORMATS:
+        raise InputError(f"--ckpt-format {ckpt_format!r} is not one of {', '.join(mio.FORMATS)}")
     check_output_dir(save, overwrite, inputs={"--load": load})
-    src = SourceCheckpoint(load)
-    dst = target_meta(src.meta, tp, pp, src.root, src.iteration)
-    plans = plan_all(src, dst)
-    args = mio.megatron_args(dst, seq_length=getattr(src.args, "seq_length", None))
-    total = sum(plan_bytes(p, src) for p in plans.values())
-    check_free_space(Path(save).parent, total, save)
-    write = write_rank_streamed if _streaming() else write_rank_in_memory
+    ck = mio.open_checkpoint(load)
+    dst = target_meta(ck.meta, tp, pp, ck.root, ck.iteration)
+    if ck.format == "torch":
+        src = SourceCheckpoint(ck)
+        plans, seq = plan_all(src, dst), getattr(src.args, "seq_length", None)
+        total = sum(plan_bytes(p, src) for p in plans.values())
+    else:
+        src, plans, seq = None, None, getattr(mio.read_args(ck), "seq_length", None)
+        total = dst.shape.num_params() * DTYPE_BYTES[dst.shape.dtype]
+    args = mio.megatron_args(dst, seq_length=seq, ckpt_format=ckpt_format)
+    check_free_space(Path(save).parent, total * (2 if ckpt_format == "torch_dist" else 1), save)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # copies of ~1 MiB blocks: waking a thread pool costs more than it saves (measured)
     try:
-        with atomic_dir(save, overwrite) as tmp, _IO() as io, \
+        with atomic_dir(save, overwrite) as tmp, \
                 tqdm(total=total, desc="reshard", unit="B", unit_scale=True, disable=not progress) as bar:
-            for (tp_rank, pp_rank), rank_plans in plans.items():
-                bar.set_postfix_str(f"rank tp{tp_rank}" + (f" pp{pp_rank}" if pp > 1 else ""))
-                path = write(tmp, tp_rank, pp_rank, rank_plans, src, dst, args, io, bar)
-                if check_finite:
-                    check_finite_written(path, rank_plans, src, io)
-            _copy_root_files(src.root, tmp)
+            legacy = tmp if ckpt_format == "torch" else tmp / STAGING
+            if src is not None:
+                _write_from_legacy(legacy, plans, src, dst, args, bar, check_finite)
+            else:
+                for path in write_legacy_from_dist(ck, legacy, dst, args, bar):
+                    if check_finite:
+                        check_finite_file(path, ck.root)
+            if ckpt_format == "torch_dist":
+                legacy_to_dist(legacy, tmp / mio.iteration_dir_name("release"), dst, dist_common(args))
+                shutil.rmtree(legacy)
+            _copy_root_files(ck.root, tmp)
             mio.write_meta(tmp, dst)
             mio.write_tracker(tmp, "release")
     finally:
@@ -393,10 +280,21 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int = 1, overwrite:
     return dst
 
 
+def _write_from_legacy(out: Path, plans, src: SourceCheckpoint, dst: mio.CheckpointMeta, args, bar,
+                       check_finite: bool) -> None:
+    write = write_rank_streamed if _streaming() else write_rank_in_memory
+    with RankFileIO() as io:
+        for (tp_rank, pp_rank), rank_plans in plans.items():
+            bar.set_postfix_str(f"rank tp{tp_rank}" + (f" pp{pp_rank}" if dst.pp > 1 else ""))
+            path = write(out, tp_rank, pp_rank, rank_plans, src, dst, args, io, bar)
+            if check_finite:
+                check_finite_written(path, rank_plans, src, io)
+
+
 CHECK_CHUNK = 4 << 20  # bytes per read-back block of the finite check
 
 
-def check_finite_written(path: Path, plans: list[TensorPlan], src: SourceCheckpoint, io: _IO) -> None:
+def check_finite_written(path: Path, plans: list[TensorPlan], src: SourceCheckpoint, io: RankFileIO) -> None:
     """Row pieces are copied file to file without passing through this process, so the written rank is read
     back (its pages were just written: no disk read) a block at a time into a reusable buffer and summed; a
     non-finite tensor is traced to the source rank file holding it."""
@@ -411,20 +309,34 @@ def check_finite_written(path: Path, plans: list[TensorPlan], src: SourceCheckpo
         os.close(fd)
 
 
-def _finite_on_disk(fd: int, ref: TensorRef, io: _IO) -> bool:
+def check_finite_file(path: Path, source: Path) -> None:
+    """A rank file written from a torch_dist source: each tensor read back and summed (see check_finite_written)."""
+    _, written = read_refs(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with RankFileIO() as io:
+            for key, ref in written.items():
+                if not _finite_on_disk(fd, ref, io):
+                    raise NonFiniteError(f"{source}: tensor {key!r} holds non-finite values (written to {path}); "
+                                         f"reshard without --check-finite to copy it anyway")
+    finally:
+        os.close(fd)
+
+
+def _finite_on_disk(fd: int, ref: TensorRef, io: RankFileIO) -> bool:
     if not ref.dtype.is_floating_point:
         return True
     step = max(1, CHECK_CHUNK // ref.dtype.itemsize)
     n = math.prod(ref.shape)
     for start in range(0, n, step):
         block = io.buffer("check", (min(step, n - start),), ref.dtype)
-        _pread_into(fd, [_as_bytes(block)], ref.offset + start * ref.dtype.itemsize, ref.path)
+        pread_into(fd, [as_bytes(block)], ref.offset + start * ref.dtype.itemsize, ref.path)
         if not is_finite(block):
             return False
     return True
 
 
-def _raise_non_finite_source(plan: TensorPlan, src: SourceCheckpoint, io: _IO, written: Path) -> None:
+def _raise_non_finite_source(plan: TensorPlan, src: SourceCheckpoint, io: RankFileIO, written: Path) -> None:
     for r in plan.sources():
         ref = src.ref(plan, r)
         source = read_tensor(ref, io)

@@ -57,3 +57,10 @@ def user_errors(run: Callable[..., int]) -> Callable[..., int]:
 def add_dtype(parser, help_default: str) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
                         default=None, help=f"output dtype (default: {help_default})")
+
+
+def add_ckpt_format(parser) -> None:
+    """Megatron-LM's flag for the output format of a Megatron checkpoint."""
+    parser.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                        help="output format, as Megatron-LM names it: torch (legacy rank files; default) or "
+                             "torch_dist (megatron-core dist checkpoint: loads at any TP/PP)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import add_dtype
+from megatron_prune.cli.common import add_ckpt_format, add_dtype
 
 
 def add_arguments(p) -> None:
@@ -15,6 +15,7 @@ def add_arguments(p) -> None:
                    help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does (default 128)")
     p.add_argument("--te-names", action="store_true",
                    help="write Transformer Engine key names (norms fused into linear_qkv / linear_fc1)")
+    add_ckpt_format(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
@@ -27,9 +28,9 @@ def run(args) -> int:
     meta = hf_to_megatron(args.hf_dir, args.save, tp=args.tp, pp=args.pp, dtype=args.dtype,
                           divisible_by=args.make_vocab_size_divisible_by, te_names=args.te_names,
                           overwrite=args.overwrite, progress=not args.no_progress,
-                          allow_non_finite=args.allow_non_finite)
+                          allow_non_finite=args.allow_non_finite, ckpt_format=args.ckpt_format)
     s = meta.shape
-    print(f"wrote {args.save}: tp={meta.tp} pp={meta.pp} dtype={s.dtype} layers={s.num_layers} "
+    print(f"wrote {args.save} ({args.ckpt_format}): tp={meta.tp} pp={meta.pp} dtype={s.dtype} layers={s.num_layers} "
           f"hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} ffn={s.ffn_hidden_size} "
           f"vocab={s.vocab_size} (padded {meta.padded_vocab_size}) params={s.num_params():,}")
     return 0

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from megatron_prune.cli.common import add_ckpt_format
 from megatron_prune.errors import InputError
 
 
@@ -22,8 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save", default=None,
                    help="output directory (must not exist or be empty); required except with --dry-run")
     p.add_argument("--tp", type=int, default=None,
-                   help="the checkpoint's TP size = the number of processes; checked against --load (default: "
-                        "--load's)")
+                   help="the number of processes = the TP size the checkpoint is read at; a legacy --load must "
+                        "have it (default: --load's), a torch_dist one is read at any")
     g = p.add_argument_group("target (omitted sizes are kept)")
     g.add_argument("--hidden-size-remain", type=int, help="hidden channels to keep")
     g.add_argument("--num-attention-heads-remain", type=int, help="query heads to keep")
@@ -54,6 +55,7 @@ def add_arguments(p) -> None:
     p.add_argument("--check-only", action="store_true",
                    help="validate everything and print the target shape; no processes, nothing written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    add_ckpt_format(p)
     p.add_argument("--allow-non-finite", action="store_true",
                    help="copy tensors holding NaN / Inf instead of refusing (checked by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -135,7 +137,7 @@ def build_config(args):
     return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=importance,
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
-                       allow_non_finite=args.allow_non_finite, search=search)
+                       allow_non_finite=args.allow_non_finite, search=search, ckpt_format=args.ckpt_format)
 
 
 def _limits(args):
@@ -165,13 +167,13 @@ def _search(args) -> int:
 
     cfg = build_config(args)  # the same argument checks as a real run
     if args.check_only:  # everything a run checks (output, calibration data), then the count
-        prep = check(cfg)
+        prep = check(cfg, tp=args.tp)
         _check_tp(args.tp, cfg.load, prep.meta.tp)
         print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
               f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
               f"{cfg.search.limits.width_multiple})")
         return 0
-    meta, budget, cands = search_shapes(args.load, cfg.search)
+    meta, budget, cands = search_shapes(args.load, cfg.search, tp=args.tp)
     print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget.describe()}: "
           f"{len(cands)} candidate shapes (balance mode, width multiple {cfg.search.limits.width_multiple})")
     print(format_table(cands))
@@ -249,7 +251,7 @@ def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
     from megatron_prune.config.shape import hf_config_warning
     from megatron_prune.prune.run import check
 
-    prep = check(cfg)
+    prep = check(cfg, tp=tp)
     _check_tp(tp, cfg.load, prep.meta.tp)
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
     for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):

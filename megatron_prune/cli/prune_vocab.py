@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from megatron_prune.cli.common import add_ckpt_format
+
 
 def add_arguments(p) -> None:
     p.add_argument("--counts", required=True, help="counts file from `vocab-freq` (same tokenizer)")
@@ -22,6 +24,7 @@ def add_arguments(p) -> None:
     src.add_argument("--hf-dir", help="HF LLaMA checkpoint whose embed_tokens / lm_head to slice")
     p.add_argument("--save", required=True,
                    help="output directory: pruned checkpoint (or tokenizer alone), new tokenizer, vocab_map.json")
+    add_ckpt_format(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     keep_min = args.keep is None
     res = prune_vocab(args.counts, args.keep_min if keep_min else args.keep, args.tokenizer, args.save,
                       load=args.load, hf_dir=args.hf_dir, overwrite=args.overwrite, progress=not args.no_progress,
-                      keep_min=keep_min)
+                      keep_min=keep_min, ckpt_format=args.ckpt_format)
     s = res.stats
     cov = f", covering {100 * s['coverage']:.2f}% of the counted tokens" if s["coverage"] is not None else ""
     rule = f"top {s['keep']} plus" if keep_min else f"budget {s['keep']}:"

@@ -17,12 +17,14 @@ from megatron_prune.errors import UserError
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
 HELP: dict[str, tuple[str, tuple[str, ...]]] = {
-    "load": ("checkpoint to start from (converted, pruned or training; legacy Megatron layout)", ()),
+    "load": ("checkpoint to start from (converted, pruned or training; legacy or torch_dist)", ()),
     "save": ("directory for training checkpoints and metrics.jsonl; resumed from when it holds one", ()),
     "save_interval": ("save every N iterations (0: only at the end)", ()),
     "keep_last": ("keep the K most recent iteration checkpoints (0: all)", ()),
     "finetune": ("take only the weights of a --load training checkpoint: iteration 0, fresh optimizer", ()),
     "exit_interval": ("save and stop at an iteration divisible by N (0: run to the end)", ()),
+    "ckpt_format": ("format of the training checkpoints: torch (legacy rank files) or torch_dist (megatron-core "
+                    "dist checkpoint: resumes at any TP / data-parallel size with its optimizer state)", ()),
     "tp": ("tensor-parallel size", ("--tensor-model-parallel-size",)),
     "pp": ("pipeline-parallel size", ("--pipeline-model-parallel-size",)),
     "sequence_parallel": ("sequence parallelism (with tp > 1)", ()),
@@ -76,7 +78,7 @@ def _type_of(field: dataclasses.Field):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megatron_prune.train.config import LR_DECAY_STYLES, PRECISIONS, TrainConfig
+    from megatron_prune.train.config import CKPT_FORMATS, LR_DECAY_STYLES, PRECISIONS, TrainConfig
 
     p.add_argument("--config", default=None, help="YAML or JSON file of these settings (command line wins)")
     for f in dataclasses.fields(TrainConfig):
@@ -88,8 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flags, action="store_const", const=True, **kw)
         elif str(f.type).startswith("tuple"):
             p.add_argument(*flags, nargs="+", metavar="PATH", **kw)
-        elif f.name in ("lr_decay_style", "precision"):
-            p.add_argument(*flags, choices=LR_DECAY_STYLES if f.name == "lr_decay_style" else PRECISIONS, **kw)
+        elif f.name in ("lr_decay_style", "precision", "ckpt_format"):
+            choices = {"lr_decay_style": LR_DECAY_STYLES, "precision": PRECISIONS, "ckpt_format": CKPT_FORMATS}
+            p.add_argument(*flags, choices=choices[f.name], **kw)
         else:
             p.add_argument(*flags, type=_type_of(f), metavar=f.name.upper(), **kw)
     for name in ("bf16", "fp16", "fp32"):

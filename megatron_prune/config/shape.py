@@ -80,6 +80,20 @@ class RopeScaling:
         return {"rope_type": "llama3", **dataclasses.asdict(self)}
 
 
+# megatron-core hard-codes these llama3 rope-scaling parameters (rotary_pos_embedding._apply_scaling).
+MCORE_LLAMA3 = (1.0, 4.0, 8192)
+
+
+def check_rope_supported(shape: "LlamaShape") -> None:
+    """megatron-core (and so Megatron-LM) builds llama3 rope scaling only with its fixed parameters."""
+    rs = shape.rope_scaling
+    if rs and (rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings) != MCORE_LLAMA3:
+        raise ShapeError(
+            "megatron-core supports llama3 rope scaling only with low_freq_factor=1, high_freq_factor=4, "
+            f"original_max_position_embeddings=8192 (got {rs.low_freq_factor}, {rs.high_freq_factor}, "
+            f"{rs.original_max_position_embeddings})")
+
+
 @dataclass(frozen=True)
 class LlamaShape:
     num_layers: int

@@ -12,10 +12,7 @@ import torch.nn.functional as F
 
 from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.keys import to_local_names, to_te_names
-from megatron_prune.config.shape import LlamaShape, torch_dtype
-
-# megatron-core hard-codes these llama3 rope-scaling parameters (rotary_pos_embedding._apply_scaling).
-_MCORE_LLAMA3 = (1.0, 4.0, 8192)
+from megatron_prune.config.shape import LlamaShape, check_rope_supported, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -92,15 +89,6 @@ def layer_spec(opts: ModelOptions, config=None):
 
         return sequence_parallel_local_spec(config)
     return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-
-
-def check_rope_supported(shape: LlamaShape) -> None:
-    rs = shape.rope_scaling
-    if rs and (rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings) != _MCORE_LLAMA3:
-        raise InputError(
-            "megatron-core supports llama3 rope scaling only with low_freq_factor=1, high_freq_factor=4, "
-            f"original_max_position_embeddings=8192 (got {rs.low_freq_factor}, {rs.high_freq_factor}, "
-            f"{rs.original_max_position_embeddings})")
 
 
 def build_model(shape: LlamaShape, opts: ModelOptions, pre_process: bool | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.hf_io import CheckpointError
+from megatron_prune.checkpoint.errors import CheckpointError
 from megatron_prune.model.build import ModelOptions, build_model, load_shard
 from megatron_prune.model.dist import DistInfo
 
@@ -24,11 +24,13 @@ def check_loadable(meta: mio.CheckpointMeta, info: DistInfo, root: Path) -> None
 
 
 def load_model(root: str | Path, info: DistInfo, **opts):
-    """(model, meta) for this process's (tp_rank, pp_rank), weights loaded from `root`."""
+    """(model, meta) for this process's (tp_rank, pp_rank), weights loaded from `root` (a torch_dist checkpoint at
+    the job's TP/PP, whatever it was written with)."""
     root = Path(root)
-    meta = mio.read_meta(root)
+    ck = mio.open_checkpoint(root, info.tp, info.pp)
+    meta = ck.meta
     check_loadable(meta, info, root)
     model = build_model(meta.shape, model_options(meta, **opts))
-    state = mio.load_rank(root, info.tp_rank, info.pp_rank, meta)
+    state = ck.load_rank(info.tp_rank, info.pp_rank)
     load_shard(model, state["model"], use_te=opts.get("use_te", False))
     return model, meta

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
-from megatron_prune.checkpoint.hf_io import (CheckpointError, HFReader, copy_tokenizer_files, write_hf_checkpoint)
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import HFReader, copy_tokenizer_files, write_hf_checkpoint
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, OUTPUT, PRE_MLP_NORM, PROJ,
                                             QKV, hf_expected_keys)

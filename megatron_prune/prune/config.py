@@ -50,6 +50,7 @@ class PruneConfig:
     progress: bool = True
     allow_non_finite: bool = False      # else pruned tensors holding NaN / Inf are refused before writing
     search: SearchConfig | None = None  # or a parameter / memory budget: search the sizes (prune.search_run)
+    ckpt_format: str = "torch"          # output: Megatron-LM's legacy rank files, or torch_dist
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.plan, self.search)) != 1:
@@ -57,6 +58,8 @@ class PruneConfig:
                              "--target-memory-gb G)")
         if self.importance not in IMPORTANCES:
             raise InputError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        if self.ckpt_format not in ("torch", "torch_dist"):
+            raise InputError(f"--ckpt-format {self.ckpt_format!r} is not one of torch, torch_dist")
 
     def inputs(self) -> dict[str, str | None]:
         """Every path this run reads (the output must not overlap any of them)."""

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_write_text, check_free_space, check_output_dir
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
-from megatron_prune.checkpoint.convert_files import check_rank_files
-from megatron_prune.checkpoint.hf_io import CheckpointError, copy_tokenizer_files
+from megatron_prune.checkpoint.dist_files import save_dist_shard
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import copy_tokenizer_files
 from megatron_prune.config.shape import DTYPE_BYTES, LlamaShape
 from megatron_prune.errors import InputError
 from megatron_prune.model.agree import agree, check_identical
@@ -64,12 +65,12 @@ class PruneResult:
     search: SearchReport | None = None
 
 
-def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
-    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards."""
+def check_input(load: str | Path, tp: int | None = None) -> tuple[mio.CheckpointMeta, int | str]:
+    """(meta, iteration) of a checkpoint the pruner can read: complete rank files, PP=1, even shards (a torch_dist
+    checkpoint is read at `tp`, default the size it was written with, and PP=1)."""
     load = Path(load)
-    meta = mio.read_meta(load)
-    iteration = mio.read_tracker(load)
-    check_rank_files(load, meta, iteration)
+    ck = mio.open_checkpoint(load, tp=tp, pp=1 if mio.checkpoint_format(load) == "torch_dist" else None)
+    meta, iteration = ck.meta, ck.iteration
     if meta.pp != 1:
         raise CheckpointError(f"{load}: pp={meta.pp}; the pruner needs PP=1: reshard to PP=1 first "
                               f"(python -m megatron_prune reshard --load {load} --pp 1 --tp {meta.tp} ...)")
@@ -78,16 +79,18 @@ def check_input(load: str | Path) -> tuple[mio.CheckpointMeta, int | str]:
     return meta, iteration
 
 
-def search_shapes(load: str | Path, search: SearchConfig) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
+def search_shapes(load: str | Path, search: SearchConfig, tp: int | None = None
+                  ) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
     """(meta, budget, candidate shapes) of a budget (the KV cache's seq_length defaults to the model's
     max_position_embeddings), single process, no tensors read: the CLI's --dry-run."""
-    meta, _ = check_input(load)
+    meta, _ = check_input(load, tp)
     return (meta, *find_candidates(meta.shape, meta.tp, load, search))
 
 
-def check(cfg: PruneConfig) -> Prepared:
-    """Validate checkpoint, target or plan, calibration data and output directory; no weights are read."""
-    meta, iteration = check_input(cfg.load)
+def check(cfg: PruneConfig, tp: int | None = None) -> Prepared:
+    """Validate checkpoint, target or plan, calibration data and output directory; no weights are read. `tp`: the
+    job's TP size (a torch_dist checkpoint is read at it)."""
+    meta, iteration = check_input(cfg.load, tp)
     check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
     plan, candidates, budget, calibration, held_out = None, (), None, None, None
     if cfg.plan:
@@ -146,9 +149,14 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     del state
     new_meta = pruned_meta(meta, plan, source=str(Path(cfg.load).resolve()), tp=meta.tp)
     times["apply"] = time.perf_counter() - t0 - times["plan"]
-    args = mio.megatron_args(new_meta)
+    args = mio.megatron_args(new_meta, ckpt_format=cfg.ckpt_format)
+    if cfg.ckpt_format == "torch_dist":  # a collective save: every rank's checks agreed on before it
+        agree(_check_dist_output, cfg, new_meta, source, sd)
 
     def write_rank(tmp: Path) -> None:
+        if cfg.ckpt_format == "torch_dist":
+            save_dist_shard(tmp, new_meta, sd, rank, 0, args)
+            return
         if not cfg.allow_non_finite:
             check_finite_state(source, sd)
         mio.save_rank(tmp, "release", rank, 0, 1, mio.rank_state(sd, args, 0))
@@ -169,8 +177,16 @@ def check_finite_state(source: Path, sd: dict) -> None:
                                  f"({describe_non_finite(t)}); pass --allow-non-finite to prune it anyway")
 
 
+def _check_dist_output(cfg: PruneConfig, meta: mio.CheckpointMeta, source: Path, sd: dict) -> None:
+    if meta.rank_sizes:
+        raise InputError("uneven shards (global-mode pruning) cannot be saved as torch_dist (its tensors do not "
+                         "depend on the TP size); prune with --ckpt-format torch, or without global mode")
+    if not cfg.allow_non_finite:
+        check_finite_state(source, sd)
+
+
 def _check_job(cfg: PruneConfig, world: int) -> Prepared:
-    prep = check(cfg)
+    prep = check(cfg, tp=world)
     if world != prep.meta.tp:
         raise InputError(f"the checkpoint has tp={prep.meta.tp}, but {world} processes run: launch one per TP "
                          f"rank (torchrun --nproc-per-node {prep.meta.tp})")

@@ -17,6 +17,7 @@ from megatron_prune.errors import UserError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
+CKPT_FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values (checkpoint.megatron_io.FORMATS)
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -27,12 +28,13 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- checkpoints
-    load: str = ""                       # converted / pruned / training checkpoint (legacy layout)
+    load: str = ""                       # converted / pruned / training checkpoint (legacy or torch_dist)
     save: str | None = None              # training checkpoints go here; if it holds one, training resumes from it
     save_interval: int = 0               # 0: save only at the end
     keep_last: int = 2                   # keep the K most recent iteration checkpoints (0: keep all)
     finetune: bool = False               # take only the weights of a --load training checkpoint (fresh optimizer)
     exit_interval: int = 0               # save and stop at iterations divisible by this; 0: run to the end
+    ckpt_format: str = "torch"           # training checkpoints: Megatron-LM's legacy rank files, or torch_dist
     # --- parallelism
     tp: int = 1
     pp: int = 1
@@ -139,6 +141,8 @@ class TrainConfig:
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
             raise ConfigError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0 "
                               f"(kd_alpha={self.kd_alpha}, kd_temperature={self.kd_temperature})")
+        if self.ckpt_format not in CKPT_FORMATS:
+            raise ConfigError(f"ckpt_format {self.ckpt_format!r} is not one of {', '.join(CKPT_FORMATS)}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.save is None and (self.save_interval or self.exit_interval):

@@ -45,3 +45,32 @@ def cuda_type_names() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.type = _ORIGINAL_TYPE
+
+
+@contextlib.contextmanager
+def torch_adam_fully_reshardable() -> Iterator[None]:
+    """megatron-core 0.16's DistributedOptimizer loads its "fully_reshardable" state by copying every entry of a
+    parameter's torch optimizer state from the checkpoint, but its own loader leaves out Adam's `step` (which
+    torch's AdamW, the stand-in for apex/TE's Adam, keeps per parameter; load_state_dict sets it just before): a
+    KeyError. Inside the block the copy skips entries the checkpoint does not carry. Only without apex/TE."""
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if getattr(do, "HAVE_APEX_OR_TE", True):
+        yield
+        return
+    original = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        for key, dst in {"param": main_param, **self.optimizer.state[main_param]}.items():
+            if key in tensors:
+                dst.copy_(tensors[key])
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        do.DistributedOptimizer._set_main_param_and_optimizer_states = original

@@ -84,7 +84,7 @@ def setup(cfg: TrainConfig) -> Session:
     model = _wrap_ddp(cfg, model)
     optimizer = _build_optimizer(cfg, model)
     scheduler = _build_scheduler(cfg, optimizer)
-    progress = _restore(cfg, point, state, optimizer, scheduler, info) if resume else ckpt.Progress()
+    progress = _restore(cfg, point, state, optimizer, scheduler, info, model) if resume else ckpt.Progress()
     del state
     teacher, teacher_meta = agree(_build_teacher, cfg, info, meta)
     data = build_datasets(cfg, tokenizer)
@@ -103,7 +103,7 @@ def _check_inputs(cfg: TrainConfig):
     from megatron_prune.model.load import check_loadable
 
     check_data_paths(cfg)
-    point = ckpt.find_resume_point(cfg.load, cfg.save)
+    point = ckpt.find_resume_point(cfg.load, cfg.save, cfg.tp, cfg.pp)
     world = dist.get_world_size()
     cfg.layout(world)
     check_loadable(point.meta, SimpleNamespace(tp=cfg.tp, pp=cfg.pp, world_size=world), point.root)
@@ -188,10 +188,10 @@ _SCHEDULE = (("max_lr", "lr", None), ("min_lr", "min-lr", None), ("lr_warmup_ste
              ("start_wd", "weight decay", None))
 
 
-def _restore(cfg: TrainConfig, point, state: dict, optimizer, scheduler, info) -> ckpt.Progress:
+def _restore(cfg: TrainConfig, point, state: dict, optimizer, scheduler, info, model) -> ckpt.Progress:
     """Resume the optimizer, RNG, data position and step count; the schedule is this run's, and rank 0 says so in
     one line when it differs from the checkpoint's (e.g. --train-iters 12 -> 16)."""
-    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info)
+    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info, model)
     changes = schedule_changes(state["opt_param_scheduler"], scheduler, cfg.global_batch_size)
     if changes and info.rank == 0:
         print(f"resuming iteration {progress.iteration} with this run's learning-rate schedule, not the "
@@ -405,7 +405,7 @@ def save(session: Session) -> None:
                  lr_warmup_iters=cfg.lr_warmup_iters, lr_decay_style=cfg.lr_decay_style,
                  weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad, seed=cfg.seed, train_config=cfg.to_dict())
     ckpt.save_checkpoint(cfg.save, p, session.model, session.optimizer, session.scheduler, meta, session.info,
-                         extra, cfg.keep_last, session.tokenizer_src)
+                         extra, cfg.keep_last, session.tokenizer_src, cfg.ckpt_format)
 
 
 def run(session: Session, stream: TextIO | None = None) -> TrainResult:

@@ -12,8 +12,8 @@ the embedding / output rows of the kept ids (Megatron: re-padded for its TP size
 
 from __future__ import annotations
 
-import copy
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,8 +23,10 @@ from tqdm import tqdm
 from megatron_prune.errors import InputError
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.atomic import atomic_dir, check_output_dir
-from megatron_prune.checkpoint.convert_files import check_rank_files
-from megatron_prune.checkpoint.hf_io import TOKENIZER_FILES, CheckpointError, HFReader, write_hf_checkpoint
+from megatron_prune.checkpoint import dist_files
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.hf_io import TOKENIZER_FILES, HFReader, write_hf_checkpoint
+from megatron_prune.checkpoint.mlm_compat import plain_args
 from megatron_prune.checkpoint.keys import EMBEDDING, OUTPUT
 from megatron_prune.config.shape import read_hf_config
 from megatron_prune.vocab.counts import check_counts_match, read_counts
@@ -75,7 +77,7 @@ def _write_files(dst: Path, files: dict[str, bytes]) -> None:
 
 def prune_vocab(counts: str | Path, keep: int, tokenizer: str | Path, save: str | Path, load: str | Path | None = None,
                 hf_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                keep_min: bool = False) -> PruneVocabResult:
+                keep_min: bool = False, ckpt_format: str = "torch") -> PruneVocabResult:
     if load is not None and hf_dir is not None:
         raise InputError("give either --load (Megatron checkpoint) or --hf-dir (HF checkpoint), not both")
     check_output_dir(save, overwrite, inputs={"--load": load, "--hf-dir": hf_dir, "--tokenizer": tokenizer,
@@ -90,7 +92,7 @@ def prune_vocab(counts: str | Path, keep: int, tokenizer: str | Path, save: str 
 
     if load is not None:
         return _prune_megatron(Path(load), source, plan, Path(save), overwrite, progress,
-                               _details(counts, tokenizer, load))
+                               _details(counts, tokenizer, load), ckpt_format)
     if hf_dir is not None:
         return _prune_hf(Path(hf_dir), source, plan, Path(save), overwrite, _details(counts, tokenizer, hf_dir))
     vmap, stats = plan()
@@ -118,10 +120,9 @@ def _check_model_vocab(model_vocab: int, vmap: VocabMap, where: str) -> None:
 
 # ---------------------------------------------------------------------------- Megatron
 def _prune_megatron(load: Path, source: TokenizerSource, plan: Plan, save: Path, overwrite: bool, progress: bool,
-                    details: dict) -> PruneVocabResult:
-    meta = mio.read_meta(load)
-    iteration = mio.read_tracker(load)
-    check_rank_files(load, meta, iteration)
+                    details: dict, ckpt_format: str = "torch") -> PruneVocabResult:
+    ck = mio.open_checkpoint(load)
+    meta, iteration = ck.meta, ck.iteration
     root = _root_files(load, sorted(f.name for f in load.iterdir() if f.is_file() and f.name not in
                                     (mio.TRACKER, mio.META)))
     extra = config_token_ids(meta.hf_config) | {i for n, d in root.items() for i in side_file_ids(n, d)}
@@ -129,12 +130,19 @@ def _prune_megatron(load: Path, source: TokenizerSource, plan: Plan, save: Path,
     _check_model_vocab(meta.shape.vocab_size, vmap, str(load))
     new_meta = _pruned_meta(meta, vmap, stats, details)
     files, notes = _carried_files(root, source.pruned_files(vmap), vmap)
+    if ckpt_format not in mio.FORMATS:
+        raise InputError(f"--ckpt-format {ckpt_format!r} is not one of {', '.join(mio.FORMATS)}")
     if meta.shape.vocab_size > vmap.old_size:
         notes.append(f"the model's {meta.shape.vocab_size - vmap.old_size} rows past the tokenizer's {vmap.old_size} "
                      "ids were dropped (no text produces them)")
     with atomic_dir(save, overwrite) as tmp:
+        src = dist_files.as_legacy(ck, tmp / dist_files.SOURCE_STAGING)  # a torch_dist source as rank files
+        out = tmp / dist_files.STAGING if ckpt_format == "torch_dist" else tmp
         for pp_rank in tqdm(range(meta.pp), desc="prune-vocab", unit="stage", disable=not progress):
-            _write_stage(load, tmp, meta, new_meta, iteration, pp_rank, vmap)
+            _write_stage(src.root, out, meta, new_meta, src.iteration, pp_rank, vmap)
+        if ckpt_format == "torch_dist":
+            dist_files.finish_dist(tmp, new_meta, mio.megatron_args(new_meta, ckpt_format="torch_dist"))
+        shutil.rmtree(tmp / dist_files.SOURCE_STAGING, ignore_errors=True)
         _write_files(tmp, files)
         _write_map(tmp, vmap, stats, details)
         mio.write_meta(tmp, new_meta)
@@ -175,7 +183,7 @@ def _pruned_args(args, new_meta: mio.CheckpointMeta):
     """The rank's own args (training settings included) with the new vocabulary sizes."""
     if args is None:
         return mio.megatron_args(new_meta)
-    args = copy.copy(args)
+    args = plain_args(args)
     args.padded_vocab_size = new_meta.padded_vocab_size
     args.vocab_size = new_meta.shape.vocab_size
     return args

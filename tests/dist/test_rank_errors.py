@@ -152,3 +152,17 @@ def test_fault_in_the_train_writer_on_rank_1(ws, tmp_path, fault):  # noqa: F811
         assert_one_report(out, 2, "no space left on device writing", "mp_rank_01", mio.RANK_FILE)
     assert not (tmp_path / "run" / mio.TRACKER).exists()
     assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp-" in p.name]
+
+
+def test_train_on_a_torch_dist_checkpoint_with_a_truncated_chunk_is_one_report(ws, tmp_path):  # noqa: F811
+    """torch_dist: every rank checks the chunk files named by .metadata before any read; one line, exit 2."""
+    from megatron_prune.checkpoint.reshard_files import reshard
+
+    reshard(ws["root"] / "tp2", tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
+    chunk = sorted((tmp_path / "dist" / "release").glob("*.distcp"))[-1]
+    os.truncate(chunk, chunk.stat().st_size - 1)
+    out = subprocess.run(["bash", str(REPO / "scripts" / "train_recovery.sh"),
+                          *train_args(tmp_path / "dist", tmp_path / "out", ws["data"], "--train-iters", "1",
+                                      "--tp", "2")],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert_one_report(out, 2, chunk.name, "truncated")

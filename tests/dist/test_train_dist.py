@@ -18,6 +18,8 @@ pytestmark = pytest.mark.dist
 SAMPLES = Path(__file__).resolve().parents[2] / "megatron_prune" / "data" / "samples"
 SEQ, GBS = 32, 8
 KD = dict(kd_alpha=0.7, kd_temperature=2.0)
+TD_DO = dict(train_iters=20, lr_warmup_iters=3, lr_decay_style="cosine", clip_grad=0.0, use_distributed_optimizer=True,
+             ckpt_format="torch_dist")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,15 @@ def _cases(ws: dict) -> list[dict]:
                                         save=str(root / "resumed_do"), exit_interval=10, **resume)},
         {"name": "resumed_do", "cfg": _cfg(ws, "tp1", precision="bf16", use_distributed_optimizer=True,
                                            save=str(root / "resumed_do"), **resume)},
+        # torch_dist: exact resume at TP=2 (vs "full"); the distributed optimizer saved at DP=2 resumed at TP=2 x
+        # DP=1 (another TP and DP); no clipping, so that every layout follows one trajectory (DP=1 reference: runs_dp1)
+        {"name": "stop_td", "cfg": _cfg(ws, "tp2", tp=2, save=str(root / "resumed_td"), exit_interval=10,
+                                        ckpt_format="torch_dist", **resume)},
+        {"name": "resumed_td", "cfg": _cfg(ws, "tp2", tp=2, save=str(root / "resumed_td"), ckpt_format="torch_dist",
+                                           **resume)},
+        {"name": "stop_td_do", "cfg": _cfg(ws, "tp1", save=str(root / "td_do"), exit_interval=10, **TD_DO)},
+        {"name": "resumed_td_do_tp2", "cfg": _cfg(ws, "tp2", tp=2, load=str(root / "td_do"),
+                                                  save=str(root / "td_do_tp2"), **TD_DO)},
         {"name": "kd_self", "cfg": _cfg(ws, "tp2", tp=2, train_iters=2, teacher_load=str(root / "tp2"),
                                         kd_alpha=0.5, kd_temperature=2.0)},
         {"name": "kd_function", "kind": "kd_function", **_kd_inputs()},
@@ -126,6 +137,17 @@ def runs(ws) -> dict:
     out = run_distributed(2, "tests.dist.train_cases:main", {"cases": _cases(ws)}, timeout=900)
     print("seconds per case:", {k: round(v["seconds"], 1) for k, v in out[0].items()})
     return {**out[0], "tp1": _script_run(ws), "rank1": out[1]}
+
+
+@pytest.fixture(scope="module")
+def runs_dp1(runs, ws) -> dict:
+    """One process: the uninterrupted DP=1 reference of the torch_dist distributed-optimizer cases, and the DP=2
+    checkpoint (td_do, iteration 10) resumed at DP=1."""
+    root = ws["root"]
+    cases = [{"name": "ref_dp1", "cfg": _cfg(ws, "tp1", **TD_DO)},
+             {"name": "resumed_td_do_dp1", "cfg": _cfg(ws, "tp1", load=str(root / "td_do"),
+                                                       save=str(root / "td_do_dp1"), **TD_DO)}]
+    return run_distributed(1, "tests.dist.train_cases:main", {"cases": cases}, timeout=900)[0]
 
 
 def _losses(run: dict) -> list[float]:
@@ -308,3 +330,38 @@ def test_final_validation_line_student_vs_teacher(runs, ws):
     rec = json.loads((ws["root"] / "kd_dp2.jsonl").read_text().splitlines()[-1])
     assert rec["kind"] == "final" and rec["iteration"] == 3 and rec["eval_tokens"] == final["eval_tokens"]
     assert (rec["student_lm_loss"], rec["teacher_lm_loss"]) == (final["lm_loss"], final["teacher_lm_loss"])
+
+
+def test_torch_dist_resume_reproduces_uninterrupted_run(runs, ws):
+    full, stop, resumed = (runs[n]["history"] for n in ("full", "stop_td", "resumed_td"))
+    assert [h["iteration"] for h in stop + resumed] == list(range(1, 21))
+    for a, b in zip(full, stop + resumed):
+        assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-6, (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    it = ws["root"] / "resumed_td" / "iter_0000010"
+    assert {"metadata.json", ".metadata"} <= {p.name for p in it.iterdir()}
+    assert not list(it.glob("mp_rank_*"))  # megatron-core's files only
+
+
+def test_distributed_optimizer_saved_at_dp2_resumes_at_dp1_and_tp2(runs, runs_dp1, ws):
+    """torch_dist keeps the distributed optimizer's state across data-parallel and tensor-parallel sizes."""
+    ref = {h["iteration"]: h["lm_loss"] for h in runs_dp1["ref_dp1"]["history"]}
+    saved = runs["stop_td_do"]["history"]
+    assert [h["iteration"] for h in saved] == list(range(1, 11))
+    for name, run in (("dp1", runs_dp1["resumed_td_do_dp1"]), ("tp2", runs["resumed_td_do_tp2"])):
+        hist = run["history"]
+        assert [h["iteration"] for h in hist] == list(range(11, 21)), name
+        worst = max(abs(h["lm_loss"] - ref[h["iteration"]]) for h in saved + hist)
+        assert worst <= 1e-5, (name, worst)
+    assert (ws["root"] / "td_do" / "iter_0000010" / "metadata.json").is_file()  # saved at DP=2 in torch_dist
+
+
+def test_torch_dist_training_checkpoint_exports_like_legacy(runs, ws, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_prune.checkpoint.convert_files import megatron_to_hf
+
+    megatron_to_hf(ws["root"] / "resumed_td", tmp_path / "td", progress=False)
+    megatron_to_hf(ws["root"] / "full", tmp_path / "legacy", progress=False)  # the same run saved as rank files
+    a, b = load_file(tmp_path / "td/model.safetensors"), load_file(tmp_path / "legacy/model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -58,7 +58,7 @@ def test_training_in_place_twice(ws, tmp_path):  # noqa: F811
 
 def test_root_meta_of_another_iteration_is_refused(ws, tmp_path):  # noqa: F811
     """A root meta that names another iteration than the tracker, with no per-iteration copy: refused."""
-    from megatron_prune.checkpoint.hf_io import CheckpointError
+    from megatron_prune.checkpoint.errors import CheckpointError
 
     ckpt = tmp_path / "y"
     shutil.copytree(ws["root"] / "tp1", ckpt)

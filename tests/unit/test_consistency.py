@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from megatron_prune.__main__ import main
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.consistency import RANK_RECORD
-from megatron_prune.checkpoint.convert_files import hf_to_megatron
-from megatron_prune.checkpoint.hf_io import CheckpointError
-from tests.helpers import make_hf_model
+from megatron_prune.checkpoint.convert_files import hf_to_megatron, megatron_to_hf
+from megatron_prune.checkpoint.errors import CheckpointError
+from tests.helpers import VARIANTS, make_hf_model
 
 RANK0 = "release/mp_rank_00/model_optim_rng.pt"
 RANK1 = "release/mp_rank_01/model_optim_rng.pt"
@@ -264,3 +264,17 @@ def test_prune_refuses_non_finite_pruned_tensors(base):
     with pytest.raises(CheckpointError, match=f"{RANK1}: tensor {QKV!r} \\(after pruning\\) holds non-finite values "
                                               "\\(0 NaN and 1 Inf"):
         check_finite_state(base / "mg" / RANK1, sd)
+
+
+def test_a_string_rank_record_does_not_disable_the_rank_check(tmp_path):
+    """Issue 26: a rank record that is not a mapping of integers (here a string) used to skip the folder check."""
+    make_hf_model(tmp_path / "hf", **VARIANTS["gqa"])
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=2, progress=False)
+    paths = [tmp_path / f"mg/release/mp_rank_0{r}/model_optim_rng.pt" for r in (0, 1)]
+    states = [torch.load(p, weights_only=False) for p in paths]
+    for p, state in zip(reversed(paths), states):  # swap the two rank files, with string records
+        state[RANK_RECORD] = "tp_rank=0"
+        torch.save(state, p)
+    with pytest.raises(CheckpointError, match="invalid rank record"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -25,11 +25,7 @@ LAYERS = {  # first part of the module path (below the package) -> layer
 }
 # Known edges owned by other branches of issue 19 (the checkpoint circle, the error contract in cli/common.py,
 # mlm_command's shape and tokenizer imports): removed when branches ckpt/trust merge. (importer, imported)
-ALLOWED = {
-    ("checkpoint.consistency", "checkpoint.megatron_io"),  # C1: open_checkpoint moves to megatron_io (ckpt)
-    ("checkpoint.mlm_command", "model.build"),              # U3: check_rope_supported into config/shape (ckpt)
-    ("checkpoint.mlm_command", "data.tokenizers"),          # U4: the CLI hands over the tokenizer size (ckpt)
-}
+ALLOWED: set[tuple[str, str]] = set()  # known edges a branch still has to remove (all gone now)
 
 
 def modules() -> dict[str, Path]:

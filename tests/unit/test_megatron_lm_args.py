@@ -196,3 +196,24 @@ def test_unreadable_tokenizer_only_warns(converted, capsys, tmp_path):
     rc, out, err = run_cli(capsys, "--load", str(converted / "tp2pp2"), "--tokenizer", str(tmp_path / "tok"))
     assert rc == 0 and parse_flags(out)["--tokenizer-model"] == [str((tmp_path / "tok").resolve())]
     assert err.startswith("warning: could not check the tokenizer's size") and err.count("\n") == 1
+
+
+def test_one_line_inside_dollar_parens_never_splits_a_path(converted, tmp_path):
+    """Issue 26: `$(megatron-lm-args --one-line)` splits words at whitespace whatever their quotes: a path with a
+    space came out as two words. Now such a value is refused in one line (exit 2), and --null is exact."""
+    import subprocess
+    import sys
+
+    spaced = tmp_path / "my ckpt"
+    shutil.copytree(converted / "tp2pp2", spaced)
+    cmd = f"{shlex.quote(sys.executable)} -m megatron_prune megatron-lm-args --load {shlex.quote(str(spaced))}"
+    words = subprocess.run(["bash", "-c", f'printf "%s\\n" $({cmd} --one-line)'], capture_output=True, text=True)
+    direct = subprocess.run(["bash", "-c", f"{cmd} --one-line"], capture_output=True, text=True)
+    got = words.stdout.splitlines()
+    split_wrongly = direct.returncode == 0 and str(spaced.resolve()) not in got
+    assert not split_wrongly, got[-8:]
+    assert direct.returncode == 2 and direct.stderr.startswith("error:") and direct.stderr.count("\n") == 1
+    exact = subprocess.run(["bash", "-c", f"{cmd} --null | xargs -0 printf '%s\\n'"], capture_output=True,
+                           text=True)
+    lines = exact.stdout.splitlines()
+    assert lines[lines.index("--load") + 1] == str(spaced.resolve())

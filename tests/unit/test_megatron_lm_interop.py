@@ -11,7 +11,8 @@ import torch
 
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.checkpoint.convert_files import hf_to_megatron, megatron_to_hf
-from megatron_prune.checkpoint.hf_io import CheckpointError
+from megatron_prune.checkpoint.errors import CheckpointError
+from megatron_prune.checkpoint.safe_pickle import Opaque
 from tests.helpers import VARIANTS, make_hf_model
 
 # megatron/training/checkpointing.py load_args_from_checkpoint: `_set_arg` fields of a dense GPT model.
@@ -144,29 +145,44 @@ def _enum_args(args):
 
 
 def test_rank_file_with_megatron_core_enums_loads(tmp_path):
+    """Types we do not import become inert values: the enum's value is kept, no constructor runs."""
     make_hf_model(tmp_path / "hf", **VARIANTS["gqa"])
     hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=2, progress=False)
     for path in sorted((tmp_path / "mg/release").glob("mp_rank_*/model_optim_rng.pt")):
         state = torch.load(path, weights_only=True)
         state["args"] = _enum_args(state["args"])
         torch.save(state, path)
+    state = mio.load_rank(tmp_path / "mg", 1, 0)
+    backend = state["args"].attention_backend
+    assert isinstance(backend, Opaque) and backend.type_name == "megatron.core.transformer.enums.AttnBackend"
     from megatron.core.transformer.enums import AttnBackend
 
-    state = mio.load_rank(tmp_path / "mg", 1, 0)
-    assert state["args"].attention_backend is AttnBackend.auto
-    assert state["args"].pipeline_model_parallel_layout.pipeline_model_parallel_size == 2
+    assert backend.value == AttnBackend.auto.value
+    layout = state["args"].pipeline_model_parallel_layout  # its constructor (which parses file values) never ran
+    assert isinstance(layout, Opaque) and layout.type_name.endswith("PipelineParallelLayerLayout")
     megatron_to_hf(tmp_path / "mg", tmp_path / "back", progress=False)  # every rank file, through our loader
 
 
-def test_unlisted_global_is_refused_in_one_line(tmp_path):
+def test_unknown_global_is_inert_and_a_payload_is_refused_in_one_line(tmp_path):
     import pathlib
 
     path = tmp_path / "model_optim_rng.pt"
     torch.save({"model": {}, "args": argparse.Namespace(where=pathlib.PurePosixPath("/x"))}, path)
+    where = mio.load_rank_file(path)["args"].where
+    assert isinstance(where, Opaque) and where.type_name == "pathlib.PurePosixPath"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": {}, "args": argparse.Namespace(x=Payload())}, path)
     with pytest.raises(CheckpointError) as e:
         mio.load_rank_file(path)
     msg = str(e.value)
-    assert "pathlib.PurePosixPath is not an allowed type" in msg and "\n" not in msg
+    assert "refused" in msg and "posix.system" in msg and "\n" not in msg
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_non_llama_megatron_lm_checkpoint_is_refused(tmp_path):
@@ -179,3 +195,38 @@ def test_non_llama_megatron_lm_checkpoint_is_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="not a LLaMA-architecture checkpoint: normalization='LayerNorm'"):
         mio.read_meta(tmp_path / "mg")
+
+
+_LOAD_AND_MEASURE = """
+import resource, sys
+from pathlib import Path
+import megatron.core.transformer.pipeline_parallel_layer_layout  # imported before the baseline, for both readers
+from megatron_prune.checkpoint import megatron_io as mio
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    mio.load_rank_file(Path(sys.argv[1]))
+except Exception as e:
+    print(type(e).__name__, str(e)[:200], file=sys.stderr)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_crafted_layout_in_args_allocates_nothing(tmp_path):
+    """Issue 26: PipelineParallelLayerLayout's constructor parses the string the file gives it ("t*N": N layers), so
+    13 characters made 650 MB. Read in a fresh process, the peak RSS must not grow with N."""
+    import subprocess
+    import sys
+
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    class Crafted:
+        def __reduce__(self):
+            return (PipelineParallelLayerLayout, ("t*20000000", 1))
+
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {}, "args": argparse.Namespace(pipeline_model_parallel_layout=Crafted())}, path)
+    assert path.stat().st_size < 4096
+    out = subprocess.run([sys.executable, "-c", _LOAD_AND_MEASURE, str(path)], capture_output=True, text=True,
+                         timeout=600)
+    grown = int(out.stdout.split()[-1])
+    assert grown < 64 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB reading a {path.stat().st_size}-byte file"

@@ -231,3 +231,19 @@ def test_prune_budget_is_checked_before_torchrun(ckpt_tp2, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "closest: " in bad.stderr, bad.stderr
     calls = log.read_text().splitlines()
     assert len(calls) == 1 and "--check-only" in calls[0] and not (tmp_path / "out").exists()
+
+
+def test_ckpt_format_variable(ckpt_tp2, hf, tmp_path):
+    """CKPT_FORMAT= like every other variable: transfer.sh writes torch_dist from it, a flag wins over it, and
+    train_recovery.sh passes it to `train`."""
+    from megatron_prune.checkpoint import megatron_io as mio
+
+    run("scripts/transfer.sh", "--load", ckpt_tp2, "--save", tmp_path / "dist", "--no-progress",
+        CKPT_FORMAT="torch_dist")
+    assert mio.checkpoint_format(tmp_path / "dist") == "torch_dist"
+    run("tools/hf_to_megatron.sh", "--hf-dir", hf, "--save", tmp_path / "legacy", "--ckpt-format", "torch",
+        "--no-progress", CKPT_FORMAT="torch_dist")
+    assert mio.checkpoint_format(tmp_path / "legacy") == "torch"
+    dry = run("scripts/train_recovery.sh", "--load", tmp_path / "dist", "--tp", "1", DRY_RUN=1, NPROC=1,
+              CKPT_FORMAT="torch_dist")
+    assert "train --ckpt-format torch_dist --load" in dry.stdout

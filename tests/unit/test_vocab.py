@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -307,6 +308,28 @@ def test_megatron_prune_equals_hf_prune(ckpts, tmp_path, tied):
     assert set(back) == set(want) - {"lm_head.weight"} if tied else set(back) == set(want)
     for key in back:
         assert torch.equal(back[key], want[key]), key
+
+
+def test_torch_dist_in_and_out_equals_legacy(ckpts, tmp_path):
+    """prune-vocab reads a torch_dist checkpoint and writes one: the same weights as the legacy path."""
+    from safetensors.torch import load_file
+
+    from megatron_prune.checkpoint import megatron_io as mio
+    from megatron_prune.checkpoint.convert_files import megatron_to_hf
+    from megatron_prune.checkpoint.reshard_files import reshard
+
+    mg = ckpts["mg-tiedFalse"]
+    reshard(mg, tmp_path / "dist", tp=2, progress=False, ckpt_format="torch_dist")
+    shutil.copy(mg / "tokenizer.model", tmp_path / "dist" / "tokenizer.model")
+    prune_vocab(ckpts["counts"], 400, mg / "tokenizer.model", tmp_path / "legacy_out", load=mg, progress=False)
+    prune_vocab(ckpts["counts"], 400, mg / "tokenizer.model", tmp_path / "dist_out", load=tmp_path / "dist",
+                progress=False, ckpt_format="torch_dist")
+    assert mio.checkpoint_format(tmp_path / "dist_out") == "torch_dist"
+    assert not [p.name for p in (tmp_path / "dist_out").iterdir() if "staging" in p.name]
+    megatron_to_hf(tmp_path / "legacy_out", tmp_path / "a", progress=False)
+    megatron_to_hf(tmp_path / "dist_out", tmp_path / "b", progress=False)
+    a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- CLI and bad input
