@@ -8,6 +8,8 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
+from types import ModuleType
 
 from megatron_prune.cli.common import name_env_flags, user_errors
 
@@ -32,10 +34,54 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line `error: ...` with exit code 2, like every other user error. The shell entry points
     (scripts/lib/env.sh) export which variable sets which flag, MEGATRON_PRUNE_ENV_FLAGS="--save=SAVE ...", so a
-    missing or bad flag is named with its variable: `--save (or SAVE)`."""
+    missing or bad flag is named with its variable: `--save (or SAVE)`. No abbreviations: `--train-iter` is an
+    unknown flag, not a silent `--train-iters`."""
+
+    def __init__(self, *a, **k):
+        k.setdefault("allow_abbrev", False)
+        super().__init__(*a, **k)
 
     def error(self, message: str):
         self.exit(2, f"error: {name_env_flags(message)} (see --help)\n")
+
+
+def make_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:
+    """The one parser factory: (module, parser) of subcommand `name` (a key of SUBCOMMANDS), with the options
+    every subcommand shares."""
+    module_name, helptext = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = _Parser(prog=f"python -m megatron_prune {name}", description=helptext)
+    module.add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every warning of torch, megatron-core and transformers, from every rank "
+                             "(default: only those that matter, once, from rank 0)")
+    return module, parser
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse `argv` for subcommand `name` and run it; user errors are one line and exit 2."""
+    from megatron_prune.cli.quiet import third_party_noise
+
+    module, parser = make_parser(name)
+    args = parser.parse_args(argv)
+    verbose = vars(args).pop("verbose")
+    with third_party_noise(verbose):
+        return int(user_errors(module.run)(args) or 0)
+
+
+def missing_dependency(e: ModuleNotFoundError, argv: list[str]) -> str | None:
+    """One line saying how to run `argv` when this Python lacks a third-party module megatron_prune needs (a
+    python3 outside the repository's .venv); None for a missing module of our own (a bug)."""
+    top = (e.name or "").split(".")[0]
+    if not top or top == "megatron_prune":
+        return None
+    root = Path(__file__).resolve().parents[1]
+    venv = root / ".venv" / "bin" / "python"
+    name = next((" ".join(argv[:n]) for n in (2, 1) if " ".join(argv[:n]) in SUBCOMMANDS), " ".join(argv[:1]))
+    how = f"`{venv} -m megatron_prune {name} ...` (or `source {root}/.venv/bin/activate`)"
+    if not venv.exists():
+        how = f"`make install` in {root} first, then {how}"
+    return f"{sys.executable} cannot import {top!r}, which megatron_prune needs: run {how}"
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -57,15 +103,22 @@ def _usage(cmds: dict[str, tuple[str, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except ModuleNotFoundError as e:
+        message = missing_dependency(e, argv)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     cmds = _available()
     for words in (2, 1):
         name = " ".join(argv[:words])
         if len(argv) >= words and name in cmds:
-            module = importlib.import_module(cmds[name][0])
-            parser = _Parser(prog=f"python -m megatron_prune {name}", description=cmds[name][1])
-            module.add_arguments(parser)
-            args = parser.parse_args(argv[words:])
-            return int(user_errors(module.run)(args) or 0)
+            return run_command(name, argv[words:])
     group = {n: v for n, v in cmds.items() if argv and n.split()[0] == argv[0] and " " in n}
     if group:  # "convert --help" (or "convert" alone): list that command's subcommands
         asked = argv[1:2] in (["-h"], ["--help"])

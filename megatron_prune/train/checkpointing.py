@@ -63,8 +63,7 @@ def find_resume_point(load: str, save: str | None) -> ResumePoint:
     for root in ([Path(save)] if save else []) + [Path(load)]:
         if (root / mio.TRACKER).is_file():
             return ResumePoint(root=root, iteration=mio.read_tracker(root), meta=mio.read_meta(root))
-    raise CheckpointError(f"{load}: no checkpoint (missing {mio.TRACKER}); convert one with "
-                          f"`python -m megatron_prune convert hf-to-megatron`")
+    raise mio.not_a_checkpoint(load)
 
 
 # ---------------------------------------------------------------------------------------------- RNG
