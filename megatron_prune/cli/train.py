@@ -119,7 +119,7 @@ def _settings(args: argparse.Namespace) -> dict:
 
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "no_save")})
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "no_save", "verbose")})
     return values
 
 
