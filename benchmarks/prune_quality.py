@@ -90,7 +90,7 @@ def main() -> int:
     calib_samples, eval_tokens, seq = (8, 4096, 256) if args.quick else (32, 16384, 256)
     calib = ["--calib-samples", str(calib_samples), "--calib-seq-length", str(seq)]
 
-    from megatron_prune.cli.eval import read_windows
+    from megatron_prune.data.text import read_windows
 
     work = Path(tempfile.mkdtemp(prefix="prune_quality_"))
     try:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
-from megatron_prune.errors import InputError
 
 
 def add_arguments(p) -> None:
@@ -24,33 +21,6 @@ def add_arguments(p) -> None:
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--use-te", action="store_true", help="build Transformer Engine layers (GPU with TE only)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-
-
-def read_text(path: Path) -> str:
-    if path.suffix != ".jsonl":
-        return path.read_text(encoding="utf-8")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{path}:{n}: not a JSON object with a 'text' field") from None
-    return "\n\n".join(texts)
-
-
-def read_windows(text_file: str, tokenizer_path: str, seq_length: int, max_tokens: int | None):
-    from megatron_prune.data.tokenizers import load_tokenizer
-    from megatron_prune.model.evaluate import token_windows
-
-    path = Path(text_file)
-    if not path.is_file():
-        raise InputError(f"{path}: no such text file")
-    tok = load_tokenizer(tokenizer_path)
-    ids = tok.encode(read_text(path))
-    if getattr(tok, "bos", None) is not None:
-        ids = [tok.bos] + ids
-    return token_windows(ids, seq_length, max_tokens)
 
 
 def _read_meta(load: str):
@@ -70,6 +40,7 @@ def preflight(args, launch) -> int:
     """In the launching process (cli/prelaunch.py): the checkpoint, the text and its tokenizer, and the process
     count (a multiple of the checkpoint's TP x PP; extra ranks split the windows). Returns processes per node."""
     from megatron_prune.checkpoint import megatron_io as mio
+    from megatron_prune.data.text import read_windows
 
     meta = mio.read_meta(args.load)
     read_windows(args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
@@ -84,6 +55,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     """On every rank; failures are reported once by cli.dist_entry (user errors: one line, exit 2)."""
+    from megatron_prune.data.text import read_windows
     from megatron_prune.model.agree import agree
     from megatron_prune.model.dist import init_model_parallel, init_process_group
     from megatron_prune.model.evaluate import evaluate_megatron

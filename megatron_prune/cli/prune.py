@@ -16,6 +16,8 @@ from megatron_prune.errors import InputError
 
 
 def add_arguments(p) -> None:
+    from megatron_prune.prune.plan import IMPORTANCES
+
     p.add_argument("--load", required=True, help="input Megatron checkpoint (PP=1; TP = number of processes)")
     p.add_argument("--save", default=None,
                    help="output directory (must not exist or be empty); required except with --dry-run")
@@ -35,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prune-type", choices=["balance", "global"], default=None,
                    help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
                         "best over all ranks, uneven shards (reshard before training)")
-    p.add_argument("--importance", choices=["random", "magnitude", "activation", "taylor"], default="activation",
+    p.add_argument("--importance", choices=IMPORTANCES, default="activation",
                    help="how units are scored (default: activation): random; magnitude (weight norms, no data); "
                         "activation (Minitron: activation norms on calibration text, layers by Block Influence); "
                         "taylor (|sum of weight x gradient| of the calibration loss per unit, layers by Block "
@@ -100,8 +102,8 @@ def _add_budget_arguments(p) -> None:
 
 
 def build_config(args):
-    from megatron_prune.prune.run import CalibConfig, PruneConfig
-    from megatron_prune.prune.search_run import SearchConfig
+    from megatron_prune.prune.calib import CalibConfig
+    from megatron_prune.prune.config import PruneConfig, SearchConfig
     from megatron_prune.prune.select import PruneTarget, layer_ids
 
     sizes = (args.hidden_size_remain, args.num_attention_heads_remain, args.num_query_groups_remain,
@@ -160,8 +162,8 @@ def run(args) -> int:
 def _search(args) -> int:
     """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
     number of candidates. No processes, nothing written."""
+    from megatron_prune.prune.display import format_table
     from megatron_prune.prune.run import check, search_shapes
-    from megatron_prune.prune.search_space import format_table
 
     cfg = build_config(args)  # the same argument checks as a real run
     if args.check_only:  # everything a run checks (output, calibration data), then the count
@@ -171,9 +173,7 @@ def _search(args) -> int:
               f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
               f"{cfg.search.limits.width_multiple})")
         return 0
-    meta, budget, cands = search_shapes(args.load, cfg.search.target_params, cfg.search.limits,
-                                        memory_gb=cfg.search.target_memory_gb, seq_length=cfg.search.memory_seq_length,
-                                        batch_size=cfg.search.memory_batch_size)
+    meta, budget, cands = search_shapes(args.load, cfg.search)
     print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget.describe()}: "
           f"{len(cands)} candidate shapes (balance mode, width multiple {cfg.search.limits.width_multiple})")
     print(format_table(cands))
@@ -188,7 +188,7 @@ def _check_memory_flags(args) -> None:
 
 def _width_warning(cfg, width_multiple: int) -> str | None:
     """Hand-given widths off the --width-multiple grid: one warning line (rank 0 / --check-only)."""
-    from megatron_prune.prune.search_space import width_warning
+    from megatron_prune.prune.display import width_warning
 
     t = cfg.target
     return width_warning(width_multiple, hidden=t.hidden_size, ffn=t.ffn_hidden_size) if t is not None else None
@@ -241,9 +241,9 @@ def _run(args, rank0: bool) -> int:
 
     from megatron_prune.checkpoint.megatron_io import read_meta
     from megatron_prune.cli.dist_entry import hold_output_lock
+    from megatron_prune.config.shape import hf_config_warning
     from megatron_prune.model.agree import agree
     from megatron_prune.model.dist import init_process_group
-    from megatron_prune.prune.apply_hf import hf_config_warning
     from megatron_prune.prune.run import prune_checkpoint
 
     _check_arguments(args)
@@ -285,7 +285,7 @@ def _check_tp(tp: int | None, load: str, actual: int) -> None:
 
 
 def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
-    from megatron_prune.prune.apply_hf import hf_config_warning
+    from megatron_prune.config.shape import hf_config_warning
     from megatron_prune.prune.run import check
 
     prep = check(cfg)

@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
-    from megatron_prune.prune.apply_hf import hf_config_warning, prune_hf
+    from megatron_prune.config.shape import hf_config_warning
+    from megatron_prune.prune.apply_hf import prune_hf
     from megatron_prune.prune.plan import PrunePlan
 
     plan = PrunePlan.load(args.plan)

@@ -18,6 +18,7 @@ from megatron_prune.errors import UserError
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30  # memory sizes (--target-memory-gb) are in GiB
 
 
 class ShapeError(UserError, ValueError):
@@ -200,6 +201,16 @@ class LlamaShape:
             "dtype": self.dtype,
         })
         return cfg
+
+
+def hf_config_warning(shape: LlamaShape) -> str | None:
+    """transformers >= 5 LlamaConfig rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    (its modelling code would be fine); megatron-core has no such rule. Say so before the user finds out."""
+    if shape.hidden_size % shape.num_attention_heads:
+        return (f"warning: hidden {shape.hidden_size} is not a multiple of heads {shape.num_attention_heads}: "
+                f"transformers >= 5 refuses such a LlamaConfig, so the HF export will not load with from_pretrained "
+                f"there (megatron-core and transformers 4.x are fine); pick a hidden size divisible by the heads")
+    return None
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:

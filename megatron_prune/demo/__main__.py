@@ -66,7 +66,7 @@ def hf_eval(hf_dir: Path, text: Path, seq: int, max_tokens: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from megatron_prune.cli.eval import read_windows
+    from megatron_prune.data.text import read_windows
     from megatron_prune.model.evaluate import evaluate_hf
 
     torch.set_num_threads(2)

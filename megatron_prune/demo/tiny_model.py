@@ -8,11 +8,11 @@ rest of the demo runs unchanged. Its shape allows TP 1 and 3 like SmolLM2's (6 h
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_prune.data.text import jsonl_texts
 from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import run_cli
 
@@ -38,13 +38,6 @@ class TinyModel:
                                train_iters=30 if quick else 80, global_batch=16, lr=2e-3, eval_iters=1)
 
 
-def _texts(jsonl: Path):
-    with open(jsonl) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
-
-
 def train_tokenizer(train_jsonl: Path, out_dir: Path, vocab: int) -> None:
     """A byte-level BPE (GPT-2/LLaMA-3 style) learnt on the training text, saved as an HF tokenizer directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -55,7 +48,7 @@ def train_tokenizer(train_jsonl: Path, out_dir: Path, vocab: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(train_jsonl), trainer)
+    tok.train_from_iterator(jsonl_texts(train_jsonl), trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(out_dir)
 
 

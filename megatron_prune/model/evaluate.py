@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron_prune.errors import InputError
+
+from megatron_prune.model.forward import forward_batches, mean_loss, micro_batches
 
 
 @dataclass(frozen=True)
@@ -23,27 +24,12 @@ class EvalResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "windows": self.windows}
 
 
-def token_windows(ids: list[int], seq_length: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping [n, seq_length + 1] windows: each window's last token is the next one's first, so every
-    token after the first is predicted exactly once. The trailing partial window is dropped."""
-    if max_tokens is not None:
-        ids = ids[: max_tokens + 1]
-    n = (len(ids) - 1) // seq_length
-    if n < 1:
-        raise InputError(f"text has {len(ids)} tokens, fewer than one window of seq_length+1={seq_length + 1}")
-    t = torch.tensor(ids[: n * seq_length + 1], dtype=torch.long)
-    return torch.stack([t[i * seq_length:(i + 1) * seq_length + 1] for i in range(n)])
-
-
 def evaluate_megatron(model, windows: torch.Tensor, true_vocab: int, micro_batch_size: int = 4) -> EvalResult:
     """Mean next-token loss over `windows`, split across data-parallel ranks; the result is known on every rank."""
     from megatron.core import parallel_state as ps
 
-    from megatron_prune.model.forward import forward_batches, mean_loss
-
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = windows[dp_rank::dp]
-    batches = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    batches = micro_batches(windows[dp_rank::dp], micro_batch_size)
     model.eval()
     results = forward_batches(model, batches, true_vocab) if batches else []
     loss, tokens = mean_loss(results)

@@ -3,7 +3,7 @@ on the true vocabulary: padded vocab columns are masked out of the softmax, so l
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,27 @@ from megatron_prune.checkpoint import layout
 def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """megatron's convention: True = masked out. Passed explicitly (megatron's default builds it on CUDA)."""
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+class ModelInputs(NamedTuple):
+    """What a GPTModel forward takes for a batch of token windows, and the labels its loss needs."""
+    inputs: torch.Tensor        # [b, s]: the window without its last token
+    labels: torch.Tensor        # [b, s]: the next tokens (the window without its first)
+    position_ids: torch.Tensor  # [b, s]
+    mask: torch.Tensor          # [1, 1, s, s] causal_mask
+
+
+def model_inputs(windows: torch.Tensor, device: torch.device | str | None = None) -> ModelInputs:
+    """[b, s + 1] token windows -> ModelInputs on `device` (default: the windows' own)."""
+    tokens = windows if device is None else windows.to(device)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    pos = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
+    return ModelInputs(inputs, labels, pos, causal_mask(inputs.shape[1], tokens.device))
+
+
+def micro_batches(windows: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
+    """Consecutive [<= micro_batch_size, s + 1] slices of the windows, in order."""
+    return [windows[i:i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
 
 
 def mask_padded_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
@@ -56,12 +77,9 @@ def forward_batches(model, batches: Iterable[torch.Tensor], true_vocab: int, kee
         return []
     b, s1 = batches[0].shape
     device = next(model.parameters()).device
-    mask = causal_mask(s1 - 1, device)
 
     def step(data_iter: Iterator, model_):
-        tokens = next(data_iter).to(device)
-        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        pos = torch.arange(inputs.shape[1], device=device).unsqueeze(0).expand_as(inputs)
+        inputs, labels, pos, mask = model_inputs(next(data_iter), device)
         out = model_(inputs, pos, mask)
 
         def loss_func(logits):

@@ -24,27 +24,8 @@ from megatron_prune.prune.plan import STRUCTURE, LayerPlan, PlanError, PrunePlan
 Release = Callable[[torch.Tensor], None]
 
 
-def local_positions(kept: Sequence[int], total: int, tp: int, rank: int) -> list[int]:
-    """Positions inside rank `rank`'s contiguous partition of the kept global indices that fall in it."""
-    return layout.local_indices(kept, total, tp, rank)
-
-
 def _index(idx: Sequence[int]) -> torch.Tensor:
     return torch.as_tensor(list(idx), dtype=torch.long)
-
-
-def qkv_rows(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    return _index(layout.qkv_shard_rows(lp.groups, lp.heads, src.heads_per_group, src.kv_channels,
-                                        src.num_query_groups, tp, rank))
-
-
-def proj_cols(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    return _index(layout.proj_shard_cols(lp.groups, lp.heads, src.heads_per_group, src.kv_channels,
-                                         src.num_query_groups, tp, rank))
-
-
-def fc1_rows(lp: LayerPlan, src: LlamaShape, tp: int, rank: int) -> torch.Tensor:
-    return _index(layout.fc1_shard_rows(lp.ffn, src.ffn_hidden_size, tp, rank))
 
 
 def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,13 +91,16 @@ def apply_rank(sd: dict, plan: PrunePlan, tp: int, tp_rank: int, te_names: bool 
 def _layer(get, sd: dict, lp: LayerPlan, new: int, src: LlamaShape, tp: int, rank: int, hidden: torch.Tensor
            ) -> dict:
     a, b = lp.source, new
-    ffn = _index(local_positions(lp.ffn, src.ffn_hidden_size, tp, rank))
+    heads = (lp.groups, lp.heads, src.heads_per_group, src.kv_channels, src.num_query_groups, tp, rank)
+    qkv, proj = _index(layout.qkv_shard_rows(*heads)), _index(layout.proj_shard_cols(*heads))
+    fc1 = _index(layout.fc1_shard_rows(lp.ffn, src.ffn_hidden_size, tp, rank))
+    ffn = _index(layout.local_indices(lp.ffn, src.ffn_hidden_size, tp, rank))
     out = {
         INPUT_NORM.mcore.format(b): get(INPUT_NORM.mcore.format(a), rows=hidden),
-        QKV.mcore.format(b): get(QKV.mcore.format(a), rows=qkv_rows(lp, src, tp, rank), cols=hidden),
-        PROJ.mcore.format(b): get(PROJ.mcore.format(a), rows=hidden, cols=proj_cols(lp, src, tp, rank)),
+        QKV.mcore.format(b): get(QKV.mcore.format(a), rows=qkv, cols=hidden),
+        PROJ.mcore.format(b): get(PROJ.mcore.format(a), rows=hidden, cols=proj),
         PRE_MLP_NORM.mcore.format(b): get(PRE_MLP_NORM.mcore.format(a), rows=hidden),
-        FC1.mcore.format(b): get(FC1.mcore.format(a), rows=fc1_rows(lp, src, tp, rank), cols=hidden),
+        FC1.mcore.format(b): get(FC1.mcore.format(a), rows=fc1, cols=hidden),
         FC2.mcore.format(b): get(FC2.mcore.format(a), rows=hidden, cols=ffn),
     }
     for t in LAYER_EXTRA_STATE:

@@ -26,16 +26,6 @@ from megatron_prune.prune.plan import LayerPlan, PrunePlan
 Getter = Callable[[str], torch.Tensor]
 
 
-def hf_config_warning(shape: LlamaShape) -> str | None:
-    """transformers >= 5 LlamaConfig rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
-    (its modelling code would be fine); megatron-core has no such rule. Say so before the user finds out."""
-    if shape.hidden_size % shape.num_attention_heads:
-        return (f"warning: hidden {shape.hidden_size} is not a multiple of heads {shape.num_attention_heads}: "
-                f"transformers >= 5 refuses such a LlamaConfig, so the HF export will not load with from_pretrained "
-                f"there (megatron-core and transformers 4.x are fine); pick a hidden size divisible by the heads")
-    return None
-
-
 def _ix(idx: list[int]) -> torch.Tensor:
     return torch.as_tensor(idx, dtype=torch.long)
 

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from megatron_prune.checkpoint.atomic import atomic_write_text
 from megatron_prune.checkpoint.layout import kept_per_rank
-from megatron_prune.errors import UserError
 from megatron_prune.config.shape import LlamaShape
+from megatron_prune.errors import UserError
 
 SCHEMA_VERSION = 1
 KIND = "megatron_prune.prune_plan"
 MODES = ("balance", "global")
-METHODS = ("random", "magnitude", "activation", "taylor", "manual")
+# How units are scored (--importance), cheapest first: the data-free ones, then the two that run the model on
+# calibration tokens (prune.scoring.MODEL_METHODS). The one list: argparse, PruneConfig and plan_for use it.
+IMPORTANCES = ("random", "magnitude", "activation", "taylor")
+METHODS = IMPORTANCES + ("manual",)  # what a plan may record: "manual", a plan made from scores given by hand
 # Shape fields a plan must agree on with a checkpoint (dtype, rope and eps do not change what is sliced).
 STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
              "kv_channels", "vocab_size", "tie_word_embeddings")
@@ -175,8 +179,6 @@ class PrunePlan:
         return hashlib.sha256(self.dumps().encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        from megatron_prune.checkpoint.atomic import atomic_write_text
-
         atomic_write_text(Path(path), self.dumps() + "\n")
 
     @classmethod

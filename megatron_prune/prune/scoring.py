@@ -1,24 +1,39 @@
-"""Importance scores that need the model itself (calibration passes), computed on this rank's loaded GPTModel.
+"""Importance -> plans: the one dispatch over the scoring methods (plan.IMPORTANCES), used by the hand-shape
+prune (one target) and by the budget search (one target per candidate shape, all from the same scores).
 
-    with loaded_model(load, meta, seq_length, seed) as model:   # this TP rank's shard, PP=1
-        scores = score_model("activation", model, shape, windows, micro_batch_size)
+    with scoring_model(method, load, tp, seq_length, seed) as model:     # None for data-free methods
+        plan, = plan_for(method, shape, [target], tp, seed, shard=shard, model=model, calib=calib)
 
-Data-free methods (random, magnitude) do not load a model: see run.make_plan. The model stays loaded inside the
-context so that a caller (the budget search) can score and then evaluate candidates without loading it twice.
+random      seeded draws, the same plan at every TP size (random_plan); nothing loaded.
+magnitude   weight norms of this rank's shard (importance.magnitude_scores); no calibration data.
+activation  activation norms and Block Influence over calibration windows (importance.ActivationScorer).
+taylor      |sum of weight x gradient| of the calibration loss per unit (taylor.taylor_scores).
+The last two run the model (MODEL_METHODS): it stays loaded inside `loaded_model`, so that the search can score
+and then evaluate candidates without loading it twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
 from megatron_prune.config.shape import LlamaShape
-from megatron_prune.prune.select import Scores
+from megatron_prune.model.dist import init_model_parallel
+from megatron_prune.model.forward import forward_batches, micro_batches
+from megatron_prune.model.load import load_model
+from megatron_prune.prune.calib import Calibration
+from megatron_prune.prune.importance import ActivationScorer, magnitude_scores
+from megatron_prune.prune.plan import IMPORTANCES, PrunePlan
+from megatron_prune.prune.random_plan import random_plan
+from megatron_prune.prune.select import PruneTarget, Scores, make_plan
+from megatron_prune.prune.taylor import taylor_scores
 
-MODEL_METHODS = ("activation", "taylor")  # importance methods that run the model on calibration tokens
+MODEL_METHODS = IMPORTANCES[2:]  # activation, taylor: they run the model on calibration tokens
 
 
 @contextlib.contextmanager
@@ -26,9 +41,6 @@ def loaded_model(load: str | Path, tp: int, seq_length: int, seed: int) -> Itera
     """This rank's GPTModel (eval mode) of checkpoint `load` (TP = world size, PP=1); model parallel state is
     torn down on exit."""
     from megatron.core import parallel_state as ps
-
-    from megatron_prune.model.dist import init_model_parallel
-    from megatron_prune.model.load import load_model
 
     info = init_model_parallel(tp, 1, seed=seed)
     try:
@@ -39,26 +51,30 @@ def loaded_model(load: str | Path, tp: int, seq_length: int, seed: int) -> Itera
         ps.destroy_model_parallel()
 
 
-def micro_batches(windows: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
-    return [windows[i:i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
+@contextlib.contextmanager
+def scoring_model(method: str, load: str | Path, tp: int, seq_length: int, seed: int
+                  ) -> Iterator[torch.nn.Module | None]:
+    """The loaded model for a method that runs it (loaded_model), else None: nothing is loaded."""
+    if method not in MODEL_METHODS:
+        yield None
+        return
+    with loaded_model(load, tp, seq_length, seed) as model:
+        yield model
+
+
+def model_shard(model) -> dict:
+    """This rank's parameters by checkpoint key (tensors shared with the model, nothing copied)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def score_model(method: str, model, shape: LlamaShape, windows: torch.Tensor, micro_batch_size: int,
                 progress: bool = False) -> Scores:
     """Global Scores (identical on every TP rank) of `method` over calibration `windows` [n, seq + 1]."""
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from megatron_prune.model.forward import forward_batches
-    from megatron_prune.prune.importance import ActivationScorer
 
     if method not in MODEL_METHODS:
         raise ValueError(f"{method!r} is not a model-based importance method ({', '.join(MODEL_METHODS)})")
     if method == "taylor":
-        import warnings
-
-        from megatron_prune.prune.taylor import taylor_scores
-
         with warnings.catch_warnings():  # megatron's CUDA tuning hint, printed by every backward on every rank
             warnings.filterwarnings("ignore", message="When using async grad allreduce")
             return taylor_scores(model, shape, windows, micro_batch_size, progress)
@@ -67,3 +83,33 @@ def score_model(method: str, model, shape: LlamaShape, windows: torch.Tensor, mi
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
             forward_batches(model, [batch], shape.vocab_size)
     return scorer.scores(ps.get_tensor_model_parallel_group())
+
+
+def _scores(method: str, src: LlamaShape, shard: dict | None, model, calib: Calibration | None,
+            micro_batch_size: int, progress: bool) -> Scores | None:
+    if method == "random":
+        return None  # random_plan draws its own, from the seed
+    if method == "magnitude":
+        if shard is not None:  # a checkpoint shard: one process per TP rank, so the world is the TP group
+            return magnitude_scores(shard, src)
+        from megatron.core import parallel_state as ps
+
+        return magnitude_scores(model_shard(model), src, ps.get_tensor_model_parallel_group())
+    if model is None or calib is None:
+        raise ValueError(f"{method} importance needs the loaded model and calibration windows")
+    return score_model(method, model, src, calib.windows, micro_batch_size, progress)
+
+
+def plan_for(method: str, src: LlamaShape, targets: Sequence[PruneTarget], tp: int, seed: int, *,
+             shard: dict | None = None, model=None, calib: Calibration | None = None, micro_batch_size: int = 4,
+             progress: bool = False) -> list[PrunePlan]:
+    """One plan per target, all from one scoring of the source by `method`. `shard`: this rank's checkpoint
+    tensors (magnitude; else the loaded `model`'s); `model` + `calib`: activation / taylor, whose plans record
+    the calibration fingerprint."""
+    if method not in IMPORTANCES:
+        raise ValueError(f"{method!r} is not one of {', '.join(IMPORTANCES)}")
+    scores = _scores(method, src, shard, model, calib, micro_batch_size, progress)
+    if method == "random":
+        return [random_plan(src, target, seed, tp) for target in targets]
+    calibration = calib.fingerprint() if method in MODEL_METHODS else None
+    return [make_plan(scores, src, target, tp, method, seed=seed, calibration=calibration) for target in targets]

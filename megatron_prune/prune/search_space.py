@@ -7,7 +7,7 @@ loses heads inside them; an MHA model stays MHA (heads = groups), as a hand-give
 does (select.PruneTarget). Every candidate is
 - reachable at the checkpoint's TP in balance mode: it passes PruneTarget.resolve and LlamaShape.check_parallel,
   the same validation as hand-given sizes;
-- loadable by HF transformers: hidden % heads == 0 (apply_hf.hf_config_warning; transformers >= 5 requires it);
+- loadable by HF transformers: hidden % heads == 0 (config.shape.hf_config_warning; transformers >= 5 requires it);
 - made of widths (hidden, FFN) that are multiples of `width_multiple`, or the source's own width;
 - within the limits: at most `max_depth_drop` of the layers and `max_width_drop` of each width (hidden, heads
   per group or MHA heads, FFN) removed.
@@ -18,7 +18,8 @@ hidden, heads), so for each (layers, hidden, heads) the FFN widths that land in 
 division per bound instead of a scan, and only the best `candidates` are kept (a heap): a 7B-sized space stays
 fast even at multiple 8.
 
-width_warning is the same width rule for hand-given sizes (`prune --hidden-size-remain 480`): a warning, not an error.
+The budget itself (parsing the flags) is prune.budget's; the tables and the width warning for hand-given sizes
+are prune.display's.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from megatron_prune.config.shape import (PARAM_FIELDS, LlamaShape, ShapeError, canonical_dtype, count_params,
-                                         inference_memory_bytes)
-from megatron_prune.errors import UserError
-from megatron_prune.prune.apply_hf import hf_config_warning
+from megatron_prune.config.shape import PARAM_FIELDS, GiB, LlamaShape, ShapeError, count_params, hf_config_warning
+from megatron_prune.prune.budget import Budget, BudgetError
 from megatron_prune.prune.plan import PlanError
 from megatron_prune.prune.select import PruneTarget
 
@@ -41,13 +40,6 @@ from megatron_prune.prune.select import PruneTarget
 # also want multiples of 64/128. Models with hidden < ~1024 (tests, toys) need a smaller --width-multiple.
 DEFAULT_WIDTH_MULTIPLE = 128
 WINDOW = 0.95  # candidates keep between WINDOW * budget and budget parameters (or bytes)
-GIB = 2**30    # --target-memory-gb is in GiB
-QUANT_REASON = ("group-quantized W4A16/W8A16 (group size 128, e.g. llmcompressor) need every quantized linear's "
-                "input columns % 128 == 0, and tensor-core GEMM tiles want multiples of 64/128")
-
-
-class BudgetError(UserError, ValueError):
-    """A parameter or memory budget that cannot be parsed or met (a ValueError too, like the other domain errors)."""
 
 
 # Default drop limits (0.5), measured on SmolLM2-135M at the demo's budget (47% of the parameters, TP 3, activation
@@ -72,46 +64,6 @@ class SearchLimits:
 
 
 @dataclass(frozen=True)
-class Budget:
-    """What a candidate must meet. `params` alone: 95-100% of it. `memory` (bytes) alone: 95-100% of it. Both:
-    95-100% of `params` and at most `memory` (the memory is then a ceiling, the parameters the target).
-    Memory is config.shape.inference_memory_bytes: weights + the KV cache of `batch_size` x `seq_length` tokens."""
-    params: int | None = None
-    memory: int | None = None
-    seq_length: int = 4096
-    batch_size: int = 1
-    dtype: str = "bf16"
-
-    def __post_init__(self) -> None:
-        if self.params is None and self.memory is None:
-            raise BudgetError("give --target-params and/or --target-memory-gb")
-        for name in ("params", "memory"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BudgetError(f"the {name} budget must be positive, got {getattr(self, name)}")
-        for name, flag in (("seq_length", "--memory-seq-length"), ("batch_size", "--memory-batch-size")):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise BudgetError(f"{flag} must be a positive integer, got {getattr(self, name)!r}")
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-
-    def memory_of(self, shape) -> int:
-        return inference_memory_bytes(shape, self.seq_length, self.batch_size, self.dtype)
-
-    def memory_basis(self) -> str:
-        return f"{self.dtype} weights + KV cache of {self.batch_size} x {self.seq_length} tokens"
-
-    def describe(self) -> str:
-        parts = [f"{self.params:,} params"] if self.params is not None else []
-        if self.memory is not None:
-            kind = "at most " if self.params is not None else ""
-            parts.append(f"{kind}{self.memory / GIB:.4g} GiB ({self.memory_basis()})")
-        return " and ".join(parts)
-
-    def to_json(self) -> dict:
-        return {"params": self.params, "memory_bytes": self.memory, "memory_seq_length": self.seq_length,
-                "memory_batch_size": self.batch_size, "dtype": self.dtype}
-
-
-@dataclass(frozen=True)
 class Candidate:
     shape: LlamaShape
     params: int
@@ -131,63 +83,6 @@ class Candidate:
         s = self.shape
         return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
                 f"ffn={s.ffn_hidden_size}")
-
-
-def parse_budget(text: str | int, source_params: int) -> int:
-    """'64047840', '6.4e7' (absolute) or '50%' (of the source's parameters) -> a parameter count."""
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) * source_params / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise BudgetError(f"--target-params {raw!r}: expected a parameter count (64047840, 6.4e7) or a "
-                          f"percentage of the source's {source_params:,} (50%)") from None
-    if not math.isfinite(value) or round(value) < 1:
-        raise BudgetError(f"--target-params {raw!r} is not a positive parameter count")
-    budget = round(value)
-    if budget > source_params:
-        raise BudgetError(f"--target-params {raw} = {budget:,} exceeds the source model's {source_params:,} "
-                          f"parameters: pruning only removes")
-    return budget
-
-
-def parse_memory_gb(text: str | float) -> int:
-    """'0.25' (GiB, 2^30 bytes) -> bytes."""
-    raw = str(text).strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BudgetError(f"--target-memory-gb {raw!r}: expected a size in GiB (2^30 bytes), e.g. 0.25") from None
-    if not math.isfinite(value) or round(value * GIB) < 1:
-        raise BudgetError(f"--target-memory-gb {raw!r} is not a positive size in GiB")
-    return round(value * GIB)
-
-
-def make_budget(src: LlamaShape, target_params: str | int | None = None, target_memory_gb: str | float | None = None,
-                seq_length: int | None = None, batch_size: int = 1) -> Budget:
-    """The Budget of the CLI's flags. The KV cache's sequence length defaults to the source's
-    max_position_embeddings: the longest context the checkpoint says it serves, so a model inside the budget fits
-    at every length it supports (give --memory-seq-length for a shorter serving context)."""
-    if target_params is None and target_memory_gb is None:
-        raise BudgetError("give --target-params and/or --target-memory-gb")
-    budget = Budget(params=None if target_params is None else parse_budget(target_params, src.num_params()),
-                    memory=None if target_memory_gb is None else parse_memory_gb(target_memory_gb),
-                    seq_length=src.max_position_embeddings if seq_length is None else seq_length,
-                    batch_size=batch_size)
-    if budget.params is None and budget.memory > budget.memory_of(src):
-        raise BudgetError(f"--target-memory-gb {target_memory_gb} exceeds the source model's "
-                          f"{budget.memory_of(src) / GIB:.4g} GiB ({budget.memory_basis()}): "
-                          f"pruning only removes")
-    return budget
-
-
-def width_warning(multiple: int, **widths: int | None) -> str | None:
-    """One warning line for hand-given widths (hidden=..., ffn=...) that are not multiples of `multiple`, or None.
-    Not an error: the shape is valid and trains; it only cannot be group-quantized or tiled well."""
-    bad = [f"{name} {w}" for name, w in widths.items() if w is not None and w % multiple]
-    if not bad:
-        return None
-    return (f"warning: {' and '.join(bad)} not a multiple of --width-multiple {multiple}: {QUANT_REASON}; round "
-            f"the width, or set --width-multiple to silence this")
 
 
 # ----------------------------------------------------------------------------- axes
@@ -359,7 +254,7 @@ def _describe(c: Candidate) -> str:
     if b.params is not None:
         parts[0] += f" ({100 * c.params / b.params:.2f}% of the parameter budget)"
     if b.memory is not None:
-        parts.append(f"{c.memory / GIB:.4g} GiB ({100 * c.memory / b.memory:.2f}% of the memory budget)")
+        parts.append(f"{c.memory / GiB:.4g} GiB ({100 * c.memory / b.memory:.2f}% of the memory budget)")
     return " and ".join(parts)
 
 
@@ -380,24 +275,3 @@ def search(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLimits 
                       f"{limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
                       f"{limits.max_width_drop:g} of widths dropped); {hint}; loosen --width-multiple, "
                       f"--max-width-drop or --max-depth-drop, or change {flags}")
-
-
-def format_table(cands: list[Candidate]) -> str:
-    """rank, shape, params, % of the parameter budget; memory (GiB) and % of the memory budget when there is one."""
-    b = cands[0].budget if cands else Budget(params=1)
-    head = ["rank", "shape", "params"] + (["% of budget"] if b.params is not None else [])
-    head += ["memory GiB", "% of memory budget"] if b.memory is not None else []
-    rows = [tuple(head)]
-    for i, c in enumerate(cands, 1):
-        row = [str(i), c.line(), f"{c.params:,}"]
-        row += [f"{100 * c.params / b.params:.2f}%"] if b.params is not None else []
-        row += [f"{c.memory / GIB:.4f}", f"{100 * c.memory / b.memory:.2f}%"] if b.memory is not None else []
-        rows.append(tuple(row))
-    return align_table(rows)
-
-
-def align_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of cells as aligned text: column 1 (the shape) left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.rjust(w) if i != 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                     for r in rows)

@@ -29,11 +29,14 @@ gradients (one extra copy of the rank's shard) while a batch is in flight. Measu
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.keys import (EMBEDDING, FC1, FC2, FINAL_NORM, INPUT_NORM, OUTPUT, PRE_MLP_NORM,
                                             PROJ, QKV)
 from megatron_prune.config.shape import LlamaShape
+from megatron_prune.model.forward import micro_batches, model_inputs, token_losses
+from megatron_prune.prune.importance import ActivationScorer, gather_dim1, sum_over_ranks
 from megatron_prune.prune.select import Scores
 
 
@@ -101,8 +104,6 @@ class TaylorAccumulator:
         self.hidden = self.hidden + hidden
 
     def scores(self, layers: torch.Tensor | None, group=None) -> Scores:
-        from megatron_prune.prune.importance import gather_dim1, sum_over_ranks
-
         if not self.heads:
             raise RuntimeError("no calibration batch was recorded")
         return Scores(hidden=sum_over_ranks(self.hidden, group).abs(),
@@ -116,18 +117,12 @@ def taylor_scores(model, shape: LlamaShape, windows: torch.Tensor, micro_batch_s
     """Global Taylor Scores (identical on every TP rank) of calibration `windows` [n, seq + 1] on this rank's
     GPTModel (PP=1, TP = world); layers: Block Influence of the same forward passes. Leaves no gradients."""
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from megatron_prune.model.forward import causal_mask, token_losses
-    from megatron_prune.prune.scoring import micro_batches
-    from megatron_prune.prune.importance import ActivationScorer
 
     group = ps.get_tensor_model_parallel_group()
     acc = TaylorAccumulator(model, shape, ps.get_tensor_model_parallel_world_size(),
                             ps.get_tensor_model_parallel_rank(), shape.vocab_size)
     device = next(model.parameters()).device
     total = windows[:, 1:].numel()
-    mask = causal_mask(windows.shape[1] - 1, device)
     model.zero_grad(set_to_none=True)
     batches = micro_batches(windows, micro_batch_size)
     frozen = [p for p in model.parameters() if not p.requires_grad]  # a frozen weight would score 0 silently
@@ -136,9 +131,7 @@ def taylor_scores(model, shape: LlamaShape, windows: torch.Tensor, micro_batch_s
     try:
         with ActivationScorer(model, shape) as scorer, torch.enable_grad():
             for batch in tqdm(batches, desc="taylor", unit="batch", disable=not progress, leave=False):
-                tokens = batch.to(device)
-                inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-                pos = torch.arange(inputs.shape[1], device=device).unsqueeze(0).expand_as(inputs)
+                inputs, labels, pos, mask = model_inputs(batch, device)
                 logits = model(inputs, pos, mask)  # [b, s, v / tp]
                 (token_losses(logits, labels, shape.vocab_size).sum() / total).backward()
                 acc.add_batch()

@@ -10,7 +10,9 @@ import torch
 def prune_then_logits(payload: dict) -> dict:
     """Prune every case of payload["prune"] with the distributed driver, then compute the logits of
     payload["logits"] checkpoints with tests.dist.cases.logits. Returns, per case, what this rank saw."""
-    from megatron_prune.prune.run import CalibConfig, PruneConfig, prune_checkpoint
+    from megatron_prune.prune.calib import CalibConfig
+    from megatron_prune.prune.config import PruneConfig
+    from megatron_prune.prune.run import prune_checkpoint
     from megatron_prune.prune.select import PruneTarget
     from tests.dist.cases import logits
 

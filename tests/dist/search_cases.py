@@ -11,8 +11,9 @@ import torch
 
 
 def search_then_evaluate(payload: dict) -> dict:
-    from megatron_prune.prune.run import CalibConfig, PruneConfig, prune_checkpoint
-    from megatron_prune.prune.search_run import SearchConfig
+    from megatron_prune.prune.calib import CalibConfig
+    from megatron_prune.prune.config import PruneConfig, SearchConfig
+    from megatron_prune.prune.run import prune_checkpoint
     from megatron_prune.prune.search_space import SearchLimits
 
     out = {}
@@ -35,7 +36,9 @@ def search_then_evaluate(payload: dict) -> dict:
 
 
 def losing_candidate(case: dict, report, windows: torch.Tensor) -> dict:
-    from megatron_prune.prune.run import CalibConfig, PruneConfig, prune_checkpoint
+    from megatron_prune.prune.calib import CalibConfig
+    from megatron_prune.prune.config import PruneConfig
+    from megatron_prune.prune.run import prune_checkpoint
     from megatron_prune.prune.select import PruneTarget
 
     i = max(range(len(report.losses)), key=lambda k: report.losses[k])  # the worst: surely not chosen
@@ -51,7 +54,7 @@ def losing_candidate(case: dict, report, windows: torch.Tensor) -> dict:
 
 def held_out_windows(case: dict) -> torch.Tensor:
     """The last `eval_samples` windows of the calibration text, read as the eval command reads text."""
-    from megatron_prune.cli.eval import read_windows
+    from megatron_prune.data.text import read_windows
 
     c = case["calib"]
     want = (c["samples"] + case["eval_samples"]) * c["seq_length"]

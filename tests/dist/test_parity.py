@@ -63,7 +63,7 @@ def test_eval_cli_matches_hf(tmp_path):
     """`torchrun -m megatron_prune eval` at TP=2 gives HF's loss on the same text and windows."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from megatron_prune.cli.eval import read_windows
+    from megatron_prune.data.text import read_windows
     from megatron_prune.model.evaluate import evaluate_hf
     from tests.helpers import save_tiny_tokenizer
 

@@ -27,7 +27,7 @@ def ws(tmp_path_factory) -> dict:
 
     from megatron_prune.checkpoint.convert_files import hf_to_megatron
     from megatron_prune.data.preprocess import PreprocessConfig, preprocess
-    from megatron_prune.model.evaluate import token_windows
+    from megatron_prune.data.text import token_windows
     from tests.helpers import make_hf_model, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("train")

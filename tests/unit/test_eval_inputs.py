@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from megatron_prune.cli.eval import read_text
-from megatron_prune.model.evaluate import token_windows
+from megatron_prune.data.text import read_text, token_windows
 
 
 def test_windows_predict_every_token_once():

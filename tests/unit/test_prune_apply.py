@@ -233,7 +233,7 @@ def _mapped_rss_kib(path) -> int:
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
 def test_page_dropper_releases_mmap_pages_without_changing_data(tmp_path):
-    from megatron_prune.prune.run import PageDropper
+    from megatron_prune.model.dist_write import PageDropper
 
     ref = torch.randn(4096, 512)  # 8 MiB
     torch.save({"w": ref}, tmp_path / "f.pt")

@@ -10,8 +10,10 @@ import torch
 
 from megatron_prune.config.shape import LlamaShape
 from megatron_prune.errors import UserError
-from megatron_prune.prune.search_run import SearchConfig, SearchReport, choose, split_windows
-from megatron_prune.prune.search_space import Budget, Candidate
+from megatron_prune.prune.budget import Budget
+from megatron_prune.prune.config import SearchConfig
+from megatron_prune.prune.search_run import SearchReport, choose, split_windows
+from megatron_prune.prune.search_space import Candidate
 
 SRC = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
                  kv_channels=16, vocab_size=512)

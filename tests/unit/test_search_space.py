@@ -12,7 +12,8 @@ import pytest
 from megatron_prune.config.shape import LlamaShape, ShapeError, count_params
 from megatron_prune.errors import UserError
 from megatron_prune.prune.plan import PlanError
-from megatron_prune.prune.search_space import BudgetError, SearchLimits, parse_budget, search
+from megatron_prune.prune.budget import BudgetError, parse_budget
+from megatron_prune.prune.search_space import SearchLimits, search
 from megatron_prune.prune.select import PruneTarget
 from tests.helpers import llama_config
 
@@ -177,10 +178,11 @@ def test_limits_are_checked(kw, message):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from megatron_prune.checkpoint.convert_files import hf_to_megatron
-    from tests.helpers import make_hf_model
+    from tests.helpers import make_hf_model, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("search")
     make_hf_model(root / "hf", num_attention_heads=8, num_key_value_heads=4)
+    save_tiny_tokenizer(root / "hf")  # a budget's --check-only reads the held-out windows with it
     hf_to_megatron(root / "hf", root / "tp2", tp=2, progress=False)
     return root
 
@@ -267,9 +269,10 @@ def memory(s: LlamaShape, seq: int, batch: int = 1) -> int:
 
 
 def test_parse_memory_and_the_kv_default():
-    from megatron_prune.prune.search_space import GIB, make_budget, parse_memory_gb
+    from megatron_prune.config.shape import GiB
+    from megatron_prune.prune.budget import make_budget, parse_memory_gb
 
-    assert GIB == 2**30 and parse_memory_gb("0.25") == 2**28 and parse_memory_gb(" 2 ") == 2**31
+    assert GiB == 2**30 and parse_memory_gb("0.25") == 2**28 and parse_memory_gb(" 2 ") == 2**31
     for bad in ("abc", "0", "-1", "inf"):
         with pytest.raises(BudgetError, match="--target-memory-gb"):
             parse_memory_gb(bad)
@@ -296,7 +299,7 @@ MEMORY_CASES = {  # name: (source, tp, limits, seq, batch, params fraction or No
 
 
 def _memory_budget(name):
-    from megatron_prune.prune.search_space import Budget
+    from megatron_prune.prune.budget import Budget
 
     src, tp, limits, seq, batch, pfrac, mfrac = MEMORY_CASES[name]
     params = int(src.num_params() * pfrac) if pfrac else None
@@ -324,7 +327,7 @@ def test_memory_budget_keeps_the_closest_of_a_brute_force_enumeration(name):
 
 
 def test_memory_table_has_a_memory_column():
-    from megatron_prune.prune.search_space import format_table
+    from megatron_prune.prune.display import format_table
 
     src, tp, limits, b = _memory_budget("smol-both")
     table = format_table(search(src, tp, b, limits)).splitlines()
@@ -337,7 +340,7 @@ def test_memory_table_has_a_memory_column():
 def test_unreachable_combined_budget_names_the_closest_shape_and_both_budgets():
     """95-100% of the parameters but a memory ceiling only much smaller shapes meet: nothing fits; the error names
     both budgets and the shape with the smallest relative distance (to the parameters + above the ceiling)."""
-    from megatron_prune.prune.search_space import Budget
+    from megatron_prune.prune.budget import Budget
 
     src, tp, _, limits = SOURCES["gqa-tp2"]
     seq, batch = 256, 2
