@@ -276,7 +276,7 @@ def check_command(argv: list[str]) -> str | None:
 
 
 def _check_cli(args: list[str]) -> str | None:
-    from megatron_prune.__main__ import SUBCOMMANDS, make_parser
+    from megatron_prune.cli.commands import SUBCOMMANDS, make_parser
 
     for words in (2, 1):
         name = " ".join(args[:words])

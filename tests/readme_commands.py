@@ -185,7 +185,7 @@ def _python_problems(args: list[str]) -> list[str]:
 
 
 def _subcommand_problems(args: list[str]) -> list[str]:
-    from megatron_prune.__main__ import SUBCOMMANDS, make_parser
+    from megatron_prune.cli.commands import SUBCOMMANDS, make_parser
 
     if not args or args[0] in ("-h", "--help", "..."):
         return []

@@ -91,7 +91,7 @@ def _value(args: list[str], flag: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_prune.__main__ import missing_dependency
+    from megatron_prune.cli.commands import missing_dependency
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from megatron_prune.__main__ import make_parser
+    from megatron_prune.cli.commands import make_parser
     from megatron_prune.cli.common import name_env_flags, user_error_message, user_errors
     from megatron_prune.cli.quiet import third_party_noise
 

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prune-type", choices=["balance", "global"], default=None,
                    help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
                         "best over all ranks, uneven shards (reshard before training)")
-    p.add_argument("--importance", choices=IMPORTANCES, default="activation",
+    p.add_argument("--importance", choices=IMPORTANCES, default=None,
                    help="how units are scored (default: activation): random; magnitude (weight norms, no data); "
                         "activation (Minitron: activation norms on calibration text, layers by Block Influence); "
                         "taylor (|sum of weight x gradient| of the calibration loss per unit, layers by Block "
@@ -134,7 +134,7 @@ def build_config(args):
                              drop_layers=layer_ids(args.drop_layers), mode=args.prune_type or "balance")
     calib = CalibConfig(data=args.calib_data, samples=args.calib_samples, seq_length=args.calib_seq_length,
                         micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
-    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance,
+    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance or "activation",
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        allow_non_finite=args.allow_non_finite, search=search)
@@ -163,11 +163,11 @@ def _search(args) -> int:
     """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
     number of candidates. No processes, nothing written."""
     from megatron_prune.prune.display import format_table
-    from megatron_prune.prune.run import check, search_shapes
+    from megatron_prune.prune.run import search_shapes
 
     cfg = build_config(args)  # the same argument checks as a real run
     if args.check_only:  # everything a run checks (output, calibration data), then the count
-        prep = check(cfg)
+        prep = _check(cfg, args)
         _check_tp(args.tp, cfg.load, prep.meta.tp)
         print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
               f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
@@ -202,11 +202,9 @@ def one_process(args) -> bool:
 def preflight(args, launch) -> int:
     """In the launching process (cli/prelaunch.py): everything --check-only checks, silently. Returns the
     processes: one per TP rank of --load."""
-    from megatron_prune.prune.run import check
-
     _check_arguments(args)
     cfg = build_config(args)
-    prep = check(cfg)
+    prep = _check(cfg, args)
     _check_tp(args.tp, cfg.load, prep.meta.tp)
     _check_does_something(cfg, prep.meta, prep.target)
     if launch.nproc not in (None, prep.meta.tp):
@@ -250,7 +248,7 @@ def _run(args, rank0: bool) -> int:
     if (args.target_params is not None or args.target_memory_gb is not None) and (args.dry_run or args.check_only):
         return _search(args)
     if args.check_only:  # one process, no process group
-        return _check_only(build_config(args), args.tp, args.width_multiple)
+        return _check_only(build_config(args), args)
     init_process_group()
     cfg = agree(build_config, args)
     agree(lambda: _check_does_something(cfg, read_meta(cfg.load)))
@@ -278,21 +276,35 @@ def _run(args, rank0: bool) -> int:
     return 0
 
 
+def _check(cfg, args):
+    """prune.run.check, with a hint when the default importance (activation) finds no tokenizer for its
+    calibration text: the user never chose to calibrate."""
+    from megatron_prune.errors import UserError
+    from megatron_prune.prune.run import check
+
+    try:
+        return check(cfg)
+    except UserError as e:
+        if args.importance is None and "tokenizer" in str(e) and not args.tokenizer:
+            raise InputError(f"{e}; activation importance (the default) calibrates on text: give --tokenizer, or "
+                             f"--importance magnitude / random") from None
+        raise
+
+
 def _check_tp(tp: int | None, load: str, actual: int) -> None:
     if tp is not None and tp != actual:
         raise InputError(f"--tp {tp}, but {load} is a tp={actual} checkpoint: prune runs one process per TP rank "
                          f"of its input (reshard it first to change TP)")
 
 
-def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
+def _check_only(cfg, args) -> int:
     from megatron_prune.config.shape import hf_config_warning
-    from megatron_prune.prune.run import check
 
-    prep = check(cfg)
-    _check_tp(tp, cfg.load, prep.meta.tp)
+    prep = _check(cfg, args)
+    _check_tp(args.tp, cfg.load, prep.meta.tp)
     _check_does_something(cfg, prep.meta, prep.target)
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
-    for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):
+    for warning in (hf_config_warning(prep.target), _width_warning(cfg, args.width_multiple)):
         if warning:
             print(warning, file=sys.stderr)
     return 0

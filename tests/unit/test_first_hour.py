@@ -60,7 +60,7 @@ def test_other_ranks_print_no_third_party_warnings(monkeypatch):
 
 
 def test_every_subcommand_has_verbose_and_no_abbreviations():
-    from megatron_prune.__main__ import SUBCOMMANDS, make_parser
+    from megatron_prune.cli.commands import SUBCOMMANDS, make_parser
 
     for name in SUBCOMMANDS:
         _, parser = make_parser(name)
@@ -119,7 +119,7 @@ def test_prelaunch_never_starts_torchrun_after_a_failed_check(monkeypatch, tmp_p
 
 # ---------------------------------------------------------------------------------------------- train defaults
 def _train_parser():
-    from megatron_prune.__main__ import make_parser
+    from megatron_prune.cli.commands import make_parser
 
     return make_parser("train")
 
@@ -162,7 +162,7 @@ def test_train_without_save_is_refused_unless_meant():
 
 
 def test_prune_defaults_to_activation_importance():
-    from megatron_prune.__main__ import make_parser
+    from megatron_prune.cli.commands import make_parser
 
     module, parser = make_parser("prune")
     args = parser.parse_args(["--load", "x", "--save", "y", "--hidden-size-remain", "32"])
@@ -214,3 +214,21 @@ def test_plot_legends_tell_runs_with_the_same_folder_name_apart(tmp_path):
     p = argparse.ArgumentParser()
     plot.add_arguments(p)
     assert plot.run(p.parse_args([*map(str, paths), "--out", str(tmp_path / "loss.png")])) == 0
+
+
+def test_default_importance_without_a_tokenizer_says_what_to_do(tmp_path, capsys):
+    """Hand sizes alone now calibrate (activation): on a checkpoint without tokenizer files the one line says how
+    to go on."""
+    from megatron_prune.__main__ import main
+    from megatron_prune.checkpoint.convert_files import hf_to_megatron
+    from tests.helpers import make_hf_model
+
+    make_hf_model(tmp_path / "hf", num_hidden_layers=2)
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=1, pp=1, progress=False)
+    argv = ["prune", "--load", str(tmp_path / "mg"), "--save", str(tmp_path / "out"), "--num-layers-remain", "1",
+            "--check-only"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(
+        "activation importance (the default) calibrates on text: give --tokenizer, or --importance magnitude / random")
+    assert main([*argv, "--importance", "random"]) == 0 and not (tmp_path / "out").exists()
