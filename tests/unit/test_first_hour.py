@@ -225,6 +225,7 @@ def test_default_importance_without_a_tokenizer_says_what_to_do(tmp_path, capsys
 
     make_hf_model(tmp_path / "hf", num_hidden_layers=2)
     hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=1, pp=1, progress=False)
+    capsys.readouterr()  # (transformers' own save bar)
     argv = ["prune", "--load", str(tmp_path / "mg"), "--save", str(tmp_path / "out"), "--num-layers-remain", "1",
             "--check-only"]
     assert main(argv) == 2
