@@ -17,10 +17,12 @@ from megatron_prune.errors import UserError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 # Where the machine has no CUDA device, the defaults that keep a first run short: the dataclass defaults are sized
-# for GPUs (a 2048-token sequence and 10 evaluation batches in bf16 made "2 iterations" of a 135M model run past 10
-# minutes on 2 CPU cores; fp32 is also faster than bf16 there). Applied by the CLI (cli/train.py) below the user's
-# settings, and stated in its --help.
-CPU_DEFAULTS: dict[str, Any] = {"seq_length": 256, "eval_iters": 2, "precision": "fp32", "log_interval": 1}
+# for GPUs (a 2048-token sequence, 8 sequences per step and 10 evaluation batches in bf16 made "2 iterations" of a
+# 135M model run past 10 minutes on 2 CPU cores; fp32 is also faster than bf16 there). A CPU step is 4 x 256
+# tokens: about 0.4 TFLOP for a 64M model (6 x parameters x tokens). Applied by the CLI (cli/train.py) below the
+# user's settings, and stated in its --help.
+CPU_DEFAULTS: dict[str, Any] = {"seq_length": 256, "global_batch_size": 4, "eval_iters": 2, "precision": "fp32",
+                                "log_interval": 1}
 PRECISIONS = ("bf16", "fp16", "fp32")
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -131,6 +131,7 @@ def test_train_help_states_cpu_defaults_and_never_an_empty_default():
     assert "tokens per sequence (default: 2048; 256 on a machine without CUDA)" in out
     assert "(default: bf16; fp32 on a machine without CUDA)" in out
     assert "(default: 10; 2 on a machine without CUDA)" in out
+    assert "all data-parallel ranks (default: 8; 4 on a machine without CUDA)" in out
     assert "--no-save" in out and "(default: the --load checkpoint's)" in out
 
 
@@ -145,12 +146,13 @@ def test_train_defaults_follow_the_machine_and_the_checkpoint(monkeypatch, tmp_p
     module, parser = _train_parser()
     args = ["--load", str(tmp_path / "tp2"), "--data-path", "d", "--train-iters", "1", "--no-save"]
     cpu = module.build_config(parser.parse_args(args))
-    assert (cpu.seq_length, cpu.precision, cpu.eval_iters, cpu.tp, cpu.pp) == (256, "fp32", 2, 2, 1)
+    assert (cpu.seq_length, cpu.global_batch_size, cpu.precision, cpu.eval_iters) == (256, 4, "fp32", 2)
+    assert (cpu.tp, cpu.pp) == (2, 1)
     given = module.build_config(parser.parse_args([*args, "--seq-length", "64", "--bf16", "--tp", "1"]))
     assert (given.seq_length, given.precision, given.tp) == (64, "bf16", 1)  # the user's settings win
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = module.build_config(parser.parse_args(args))
-    assert (gpu.seq_length, gpu.precision, gpu.eval_iters) == (2048, "bf16", 10)
+    assert (gpu.seq_length, gpu.global_batch_size, gpu.precision, gpu.eval_iters) == (2048, 8, "bf16", 10)
 
 
 def test_train_without_save_is_refused_unless_meant():
