@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
+from megatron_prune.checkpoint.siblings import sibling_stem
 from megatron_prune.errors import UserError
 
 GiB = 2**30
@@ -52,8 +53,9 @@ def human_size(n: float) -> str:
 
 
 def temp_name(name: str, kind: str = "tmp") -> str:
-    """The hidden sibling name used while `name` is being written (host + pid: stale ones can be recognised)."""
-    return f".{name}.{kind}-{_HOST}-{os.getpid()}"
+    """The hidden sibling name used while `name` is being written (host + pid: stale ones can be recognised;
+    a very long `name` is shortened so that the sibling stays a legal file name, checkpoint/siblings.py)."""
+    return f".{sibling_stem(name)}.{kind}-{_HOST}-{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -105,7 +107,8 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
     removed = []
     for entry in parent.iterdir():
         m = _TEMP_RE.match(entry.name)
-        if not m or m["name"].lstrip(".") != target.name or not _owner_dead(m["host"], int(m["pid"])):
+        if not m or m["name"].lstrip(".") not in (target.name, sibling_stem(target.name)) \
+                or not _owner_dead(m["host"], int(m["pid"])):
             continue
         _remove(entry)
         removed.append(entry)

@@ -4,6 +4,8 @@ safetensors writes with an index, and tokenizer files carried along."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -184,17 +186,31 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 def write_hf_checkpoint(out_dir: Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
                         max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """Write tensors (streamed) to model-0000k-of-0000n.safetensors files plus an index, and config.json."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     written: list[tuple[Path, list[str]]] = []
     for i, shard in enumerate(_shards(tensors, max_shard_bytes)):
         path = out_dir / f"model-{i + 1:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(path), metadata={"format": "pt"})
+        _save_shard(shard, path)
         written.append((path, list(shard)))
     final = _rename_shards(out_dir, written)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return final
+
+
+def _save_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors reports I/O failures (a full disk) as its own SafetensorError: they become the OSError they are,
+    which the writers' translate_write_errors turns into one line; the partial shard is removed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        path.unlink(missing_ok=True)
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from megatron_prune.checkpoint.siblings import sibling_stem
 from megatron_prune.errors import UserError
 
 LOCK_NAME = ".megatron_prune.lock"
@@ -31,7 +32,7 @@ class OutputLockedError(UserError):
 
 def lock_path(save: str | Path, inside: bool) -> Path:
     save = Path(save).absolute()
-    return save / LOCK_NAME if inside else save.parent / f".{save.name}{LOCK_NAME}"
+    return save / LOCK_NAME if inside else save.parent / f".{sibling_stem(save.name)}{LOCK_NAME}"
 
 
 @contextlib.contextmanager

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from megatron_prune.cli.common import name_env_flags, user_errors
+from megatron_prune.cli.common import ERROR_DIR_ENV, name_env_flags, peer_rank, user_errors
+from megatron_prune.errors import EXIT_USER_ERROR
 
 # name -> (module, one-line help). Two-word commands ("convert hf-to-megatron") are written with a space.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -41,7 +43,16 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*a, **k)
 
     def error(self, message: str):
-        self.exit(2, f"error: {name_env_flags(message)} (see --help)\n")
+        text = f"{name_env_flags(message)} (see --help)"
+        if peer_rank() or os.environ.get(ERROR_DIR_ENV):  # a torchrun worker, under cli/launch.py or not
+            from megatron_prune.cli.dist_entry import note_error, wait_for_report
+
+            if peer_rank():  # every rank parses the same arguments: rank 0 says it, once
+                wait_for_report()
+                self.exit(EXIT_USER_ERROR)
+            if os.environ.get(ERROR_DIR_ENV):
+                note_error(EXIT_USER_ERROR, text)  # for cli/launch.py's exit code
+        self.exit(EXIT_USER_ERROR, f"error: {text}\n")
 
 
 def make_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:

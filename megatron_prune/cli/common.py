@@ -1,33 +1,17 @@
-"""Shared CLI plumbing: the one user-error contract of every entry point.
-
-`UserError` (and OS errors about the user's files: missing, unreadable, full disk, read-only) print one line
-`error: ...` and exit 2; anything else is a programming error and keeps its traceback (exit 1).
+"""Shared CLI plumbing: `user_errors`, which applies the one user-error contract (megatron_prune.errors) to an
+entry point: a user error prints one line `error: ...` and returns 2; anything else keeps its traceback (exit 1).
+`python -m megatron_prune` (__main__) applies it to every subcommand; torchrun entries use cli.dist_entry.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import re
 import sys
 from typing import Callable
 
-from megatron_prune.errors import EXIT_USER_ERROR, UserError
-
-# OS errors that describe the user's files or machine, not a bug: reported as one line.
-_USER_OS_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                   errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
-
-
-def user_error_message(e: BaseException) -> str | None:
-    """The one-line message for an error the user can fix, or None for a programming error."""
-    if isinstance(e, UserError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, OSError) and e.errno in _USER_OS_ERRNOS:
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return None
+from megatron_prune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, user_error_message
 
 
 def name_env_flags(message: str) -> str:
@@ -39,8 +23,18 @@ def name_env_flags(message: str) -> str:
     return message
 
 
+# Set by cli/launch.py for its torchrun workers: where each rank notes the error it reported (cli/dist_entry.py).
+ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
+
+
+def peer_rank() -> bool:
+    """A torchrun worker other than rank 0: a message every rank would print alike is left to rank 0."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("RANK", "0")) != 0
+
+
 def user_errors(run: Callable[..., int]) -> Callable[..., int]:
-    """Decorator for `run(args)`: user errors print `error: ...` (no traceback) and return 2; others propagate."""
+    """Decorator for `run(args)`: user errors print `error: ...` (no traceback) and return 2; others propagate.
+    Ctrl-C prints `error: interrupted` and returns 130 (writers have removed their partial output by then)."""
 
     @functools.wraps(run)
     def wrapper(*a, **k) -> int:
@@ -52,6 +46,10 @@ def user_errors(run: Callable[..., int]) -> Callable[..., int]:
                 raise
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            if not peer_rank():  # under torchrun every rank gets the SIGINT: rank 0 says it
+                print("error: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
     return wrapper
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import add_dtype, user_errors
+from megatron_prune.cli.common import add_dtype
 
 
 def add_arguments(p) -> None:
@@ -21,7 +21,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.checkpoint.convert_files import hf_to_megatron
 

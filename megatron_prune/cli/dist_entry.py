@@ -10,7 +10,9 @@
   for a user error, its traceback otherwise), leaves a note in the job's error directory and exits at once
   (os._exit), so its peers fail fast with "Connection closed by peer" instead of waiting for a timeout. A peer
   that then fails that way finds the note and exits quietly with the same code.
-- A user error that every rank raises identically (`agree.everywhere`) is printed by rank 0 only.
+- A user error that every rank raises identically (`agree.everywhere`, `TrainingAborted`) is printed by rank 0 only.
+- Under cli/launch.py a rank that leaves the report to another waits (briefly) until that report is noted, so
+  torchrun, which stops all workers once one exits, cannot cut it short.
 - Under torchrun, workers stop when their launcher dies (`stop_with_launcher`).
 
 `cli/launch.py` (used by the shell scripts) runs torchrun with the error directory set and replaces torchrun's
@@ -31,10 +33,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from megatron_prune.cli.common import ERROR_DIR_ENV
+from megatron_prune.errors import EXIT_BUG, EXIT_USER_ERROR
 from megatron_prune.model.agree import RankFailure, is_user_error, one_line
-
-ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
-EXIT_USER, EXIT_BUG = 2, 1
 # How a rank's collective fails when a peer process died (gloo, NCCL, the TCP store).
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
@@ -83,29 +84,27 @@ def _report_agreed(e: RankFailure) -> int:
     """Every rank knows and exits alike (no casualties): the note is only for cli/launch.py's exit code."""
     rank = _rank()
     launched = bool(os.environ.get(ERROR_DIR_ENV))
-    if e.user:
-        if rank == 0:
-            _say(f"error: {e.message}")
-            if launched:
-                note_error(EXIT_USER, e.message)
-        return EXIT_USER
-    if rank == e.rank:
-        _say(f"rank {rank}: {e.trace or e.message}".rstrip())
+    reporter = 0 if e.user else e.rank
+    if rank == reporter:
+        _say(f"error: {e.message}" if e.user else f"rank {rank}: {e.trace or e.message}".rstrip())
         if launched:
-            note_error(EXIT_BUG, e.message)
-    return EXIT_BUG
+            note_error(EXIT_USER_ERROR if e.user else EXIT_BUG, e.message)
+    else:
+        wait_for_report()
+    return EXIT_USER_ERROR if e.user else EXIT_BUG
 
 
 def _report_local(e: Exception) -> int:
     rank, user = _rank(), is_user_error(e)
-    if not _distributed():
-        _say(f"error: {one_line(e)}" if user else traceback.format_exc().rstrip())
-        return EXIT_USER if user else EXIT_BUG
-    if getattr(e, "on_every_rank", False):
+    code = EXIT_USER_ERROR if user else EXIT_BUG
+    if not _distributed() or getattr(e, "on_every_rank", False):  # one process, or every rank alike: rank 0 says it
         if rank == 0:
             _say(f"error: {one_line(e)}" if user else traceback.format_exc().rstrip())
-            note_error(EXIT_USER if user else EXIT_BUG, one_line(e))
-        return EXIT_USER if user else EXIT_BUG
+            if os.environ.get(ERROR_DIR_ENV):  # under cli/launch.py (the shell scripts), even with one process
+                note_error(code, one_line(e))
+        else:
+            wait_for_report()
+        return code
     peer = peer_error_code()
     if peer is not None and not user:  # a casualty of a peer that already said what went wrong
         _exit(peer)
@@ -115,8 +114,8 @@ def _report_local(e: Exception) -> int:
     else:
         message = one_line(e)
         _say(f"error: {message}" if user else f"rank {rank}: {traceback.format_exc().rstrip()}")
-    note_error(EXIT_USER if user else EXIT_BUG, message)
-    _exit(EXIT_USER if user else EXIT_BUG)
+    note_error(code, message)
+    _exit(code)
 
 
 def _exit(code: int):
@@ -146,6 +145,16 @@ def note_error(code: int, message: str) -> None:
         os.replace(tmp, d / f"rank{_rank()}.err")
     except OSError:
         pass  # the report itself was printed; the note only quiets casualties
+
+
+def wait_for_report(timeout: float = 10.0) -> None:
+    """Under cli/launch.py, a rank that leaves the report to another rank exits only once that report is noted (or
+    after `timeout`): torchrun stops the other workers as soon as one exits, which could cut the report short."""
+    if not os.environ.get(ERROR_DIR_ENV):
+        return
+    deadline = time.monotonic() + timeout
+    while not read_errors(error_dir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def read_errors(d: Path) -> dict[int, tuple[int, str]]:

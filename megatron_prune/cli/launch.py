@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_prune.cli.dist_entry import ERROR_DIR_ENV, read_errors
+from megatron_prune.errors import EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def _summary(e, errors: Path) -> int:
     print(f"error: worker rank {rank} (pid {failure.pid}) {how} without a report", file=sys.stderr)
     if not reported:
         print(e.format_msg(), file=sys.stderr)
-    return max([1, *(code for code, _ in reported.values())])
+    return max([EXIT_BUG, *(code for code, _ in reported.values())])
 
 
 if __name__ == "__main__":

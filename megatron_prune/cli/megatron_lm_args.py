@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from megatron_prune.cli.common import user_errors
-
 
 def add_arguments(p) -> None:
     p.description = ("Print the Megatron-LM pretrain_gpt.py flags that load a checkpoint written by megatron_prune "
@@ -19,7 +17,6 @@ def add_arguments(p) -> None:
                    help="all flags on one line (default: one per line, with continuation backslashes)")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.checkpoint.mlm_command import format_flags, pretrain_gpt_flags, tokenizer_padding_problem
 

@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from megatron_prune.errors import InputError
-from megatron_prune.cli.common import user_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +60,6 @@ def _pyplot():
     return plt
 
 
-@user_errors
 def run(args: argparse.Namespace) -> int:
     from megatron_prune.train.metrics import read_metrics
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
 
@@ -31,8 +30,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from megatron_prune.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-    from megatron_prune.data.tokenizers import TokenizerError
+    from megatron_prune.data.preprocess import PreprocessConfig, preprocess
 
     # megatron-core warns about optional CUDA libraries on import; irrelevant for writing data.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed")
@@ -40,14 +38,7 @@ def run(args) -> int:
                            json_key=args.json_key, append_eod=args.append_eod, workers=args.workers,
                            split_sentences=args.split_sentences, overwrite=args.overwrite,
                            progress=not args.no_progress)
-    try:
-        stats = preprocess(cfg)
-    except (PreprocessError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
+    stats = preprocess(cfg)
     print(f"{stats.prefix}.bin/.idx: {stats.documents} documents, {stats.sequences} sequences, "
           f"{stats.tokens} tokens ({stats.dtype}), {stats.skipped_empty} empty documents skipped; "
           f"{stats.docs_per_s:.0f} docs/s, {stats.mb_per_s:.2f} MB/s")

@@ -5,7 +5,7 @@ LlamaForCausalLM.from_pretrained and equals the Megatron-pruned checkpoint expor
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import add_dtype, user_errors
+from megatron_prune.cli.common import add_dtype
 
 
 def add_arguments(p) -> None:
@@ -19,7 +19,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@user_errors
 def run(args) -> int:
     import sys
 

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from megatron_prune.cli.common import user_errors
-
 
 def add_arguments(p) -> None:
     p.add_argument("--counts", required=True, help="counts file from `vocab-freq` (same tokenizer)")
@@ -28,7 +26,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.vocab.run import VOCAB_MAP, prune_vocab
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from megatron_prune.cli.common import user_errors
-
 
 def add_arguments(p) -> None:
     p.description = ("Change the TP/PP size of a Megatron checkpoint (converted, pruned - even or uneven "
@@ -24,7 +22,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.checkpoint.reshard_files import reshard
 

@@ -52,7 +52,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "data_path": ("indexed dataset prefix(es): 'PREFIX ...' or weighted 'W1 PREFIX1 W2 PREFIX2 ...'", ()),
     "valid_data_path": ("separate validation blend (then --split is not used)", ()),
     "split": ("train,valid,test shares of --data-path documents", ()),
-    "data_cache_path": ("where megatron-core caches dataset indices (default: beside the data)", ()),
+    "data_cache_path": ("where megatron-core caches dataset indices (default: SAVE/dataset_cache; without --save, "
+                        "built in memory; never beside the data)", ()),
     "tokenizer": ("tokenizer (HF directory or SentencePiece .model; default: the files in --load)",
                   ("--tokenizer-model",)),
     "eod_mask_loss": ("no loss on end-of-document tokens", ()),
@@ -212,19 +213,14 @@ def _run(args: argparse.Namespace) -> int:
     from megatron_prune.cli.dist_entry import hold_output_lock
     from megatron_prune.model.agree import agree
     from megatron_prune.model.dist import init_process_group
-    from megatron_prune.train.loop import TrainingAborted, train
+    from megatron_prune.train.loop import train
 
     init_process_group()
     cfg = agree(build_config, args)
     with contextlib.ExitStack() as locks:
         if cfg.save:
             agree(hold_output_lock, locks, cfg.save, inside=True)
-        try:
-            result = train(cfg)
-        except TrainingAborted as e:  # the losses are global: every rank stops alike, rank 0 says why
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            return 1
+        result = train(cfg)  # TrainingAborted: every rank stops alike, reported once (cli.dist_entry)
     if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, not one per rank
         print(f"done: iteration {result.iteration}" + (f", checkpoint {cfg.save}" if cfg.save else ""),
               file=sys.stderr, flush=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from megatron_prune.errors import InputError
 from megatron_prune.checkpoint.atomic import OutputExistsError, check_no_overlap, remove_stale_temps
-from megatron_prune.cli.common import user_errors
 
 
 def add_arguments(p) -> None:
@@ -23,7 +22,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@user_errors
 def run(args) -> int:
     from megatron_prune.vocab.counts import count_tokens, write_counts
 
@@ -35,6 +33,9 @@ def run(args) -> int:
         raise OutputExistsError(f"{args.output}: exists (pass --overwrite to replace it)")
     if args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
+    folder = Path(args.output).absolute().parent
+    if not folder.is_dir():  # checked before counting the corpus, not when the result is written
+        raise InputError(f"--output {args.output}: no such folder {folder} (create it first)")
     counts = count_tokens(args.tokenizer, args.input, args.json_key, args.workers, not args.no_progress)
     write_counts(args.output, counts)
     seen = sum(1 for c in counts.counts if c)

@@ -231,14 +231,56 @@ def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
 
 
-def _shape_from_hf(cls: type[LlamaShape], cfg: dict[str, Any]) -> LlamaShape:
+def unsupported_feature(cfg: dict[str, Any]) -> str | None:
+    """The first field of an HF config that makes the model compute something our LLaMA does not, said as
+    `FIELD VALUE is not supported (why)`; None when there is none. Such a field is refused, never dropped: what
+    transformers' LlamaForCausalLM / MistralForCausalLM read from their config, beyond what LlamaShape models."""
     model_type = cfg.get("model_type", "llama")
     if model_type not in ("llama", "mistral"):
-        raise ShapeError(f"model_type {model_type!r} is not a LLaMA-family model (expected 'llama')")
+        return f"model_type {model_type!r} is not supported (not a LLaMA-family model; expected 'llama' or 'mistral')"
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ShapeError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (LLaMA uses 'silu')")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ShapeError("attention_bias / mlp_bias are not supported (LLaMA has no linear biases)")
+        return f"hidden_act {cfg.get('hidden_act')!r} is not supported (LLaMA uses 'silu')"
+    # MistralConfig's default window is 4096 when the key is absent; a window as long as the context never acts.
+    window = cfg.get("sliding_window", 4096 if model_type == "mistral" else None)
+    if window is not None and (model_type == "mistral" or cfg.get("use_sliding_window")) \
+            and not (isinstance(window, int) and window >= cfg.get("max_position_embeddings", 4096 * 32)):
+        return (f"sliding_window {window} is not supported (attention limited to the last {window} tokens; "
+                f"Megatron's LLaMA attends to the whole context, so outputs would differ from position {window} on)")
+    other = sorted(set(cfg.get("layer_types") or ()) - {"full_attention"})
+    if other:
+        return f"layer_types {other} is not supported (only full-attention layers)"
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            return f"{flag} {cfg[flag]} is not supported (LLaMA has no linear biases; they would be dropped)"
+    for field in ("rope_scaling", "rope_parameters"):
+        value = cfg.get(field) if isinstance(cfg.get(field), dict) else {}
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            return f"{field}: rope scaling type {kind!r} is not supported (supported: llama3, or none)"
+    rotary = [d.get("partial_rotary_factor") for d in (cfg, cfg.get("rope_parameters") or {}, cfg.get("rope_scaling")
+                                                      or {}) if isinstance(d, dict)]
+    if any(f is not None and float(f) != 1.0 for f in rotary):
+        return (f"partial_rotary_factor {next(f for f in rotary if f is not None and float(f) != 1.0)} is not "
+                f"supported (rotary embedding on part of each head)")
+    if cfg.get("quantization_config"):
+        method = (cfg["quantization_config"] or {}).get("quant_method", "?")
+        return f"quantization_config ({method}) is not supported (quantized weights; convert a full-precision model)"
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if not cfg.get("head_dim") and isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+        return (f"head_dim (absent) is not supported with hidden_size {hidden} not divisible by num_attention_heads "
+                f"{heads} (the config does not define the head size)")
+    return None
+
+
+def check_supported_features(cfg: dict[str, Any], where: str | Path = "config.json") -> None:
+    """Raise ShapeError `WHERE: FIELD VALUE is not supported (...)` for the first unsupported_feature."""
+    problem = unsupported_feature(cfg)
+    if problem:
+        raise ShapeError(f"{where}: {problem}")
+
+
+def _shape_from_hf(cls: type[LlamaShape], cfg: dict[str, Any]) -> LlamaShape:
+    check_supported_features(cfg)
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -267,9 +309,13 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShapeError(f"{path}: missing config.json (not an HF model directory?)")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShapeError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ShapeError(f"{path}: not an HF config (a JSON {type(cfg).__name__}, not an object)")
+    check_supported_features(cfg, path)
+    return cfg
 
 
 def _divisors(n: int) -> list[int]:

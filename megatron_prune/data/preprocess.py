@@ -36,7 +36,9 @@ import numpy as np
 
 from megatron_prune.checkpoint.atomic import (check_no_overlap, fsync_path, remove_stale_temps, temp_name,
                                               translate_write_errors)
+from megatron_prune.checkpoint.lock import output_lock
 from megatron_prune.errors import UserError
+from megatron_prune.data.compressed import open_zstd
 from megatron_prune.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:
@@ -152,15 +154,12 @@ def require_zstandard(path: Path) -> ModuleType:
 
 @contextmanager
 def open_text(path: Path) -> Iterator[IO[str]]:
-    """The file as UTF-8 text, decompressing .zst on the fly (a BOM is dropped)."""
+    """The file as UTF-8 text, decompressing .zst on the fly (every frame, to the end; a BOM is dropped)."""
     if not input_kind(path)[1]:
         with open(path, encoding="utf-8-sig", newline=None) as fh:
             yield fh
         return
-    zstandard = require_zstandard(path)
-    # The Pile's shards were written with long windows; allow them.
-    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-    with open(path, "rb") as raw, dctx.stream_reader(raw) as stream:
+    with open_zstd(path, require_zstandard(path)) as stream:  # read to its end, or one line naming the file
         yield io.TextIOWrapper(stream, encoding="utf-8-sig")
 
 
@@ -338,22 +337,35 @@ def _encode_in_worker(settings: WorkerSettings, doc: RawDoc) -> EncodedDoc:
 @contextmanager
 def atomic_outputs(prefix: str, overwrite: bool) -> Iterator[tuple[str, str]]:
     """Temporary sibling paths for ``prefix``.bin/.idx, renamed into place on success and
-    removed (with an output folder this call created) on any failure."""
+    removed (with an output folder this call created) on any failure; the prefix's lock is held throughout."""
     final = (prefix + ".bin", prefix + ".idx")
-    for path in final:
-        remove_stale_temps(path)
-    if not overwrite:
-        for path in final:
-            if os.path.exists(path):
-                raise PreprocessError(f"output {path} exists (pass --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(prefix))
     created = not os.path.isdir(parent)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        # One writer per prefix, as for every other output: a second run into it is refused at once (two runs
+        # could otherwise each pass the existence check and publish a .bin and an .idx of different corpora).
+        with output_lock(prefix):
+            for path in final:
+                remove_stale_temps(path)
+            if not overwrite:
+                for path in final:
+                    if os.path.exists(path):
+                        raise PreprocessError(f"output {path} exists (pass --overwrite to replace it)")
+            with _published(final, parent) as temps:
+                yield temps
+    except BaseException:
+        if created and os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
+        raise
+
+
+@contextmanager
+def _published(final: tuple[str, str], parent: str) -> Iterator[tuple[str, str]]:
     # Plain names (not mkstemp, whose files are mode 0600) so outputs get the usual permissions.
-    temps = [str(Path(path).with_name(temp_name(Path(path).name))) for path in final]
+    temps = tuple(str(Path(path).with_name(temp_name(Path(path).name))) for path in final)
     try:
         with translate_write_errors(final[0]):
-            yield temps[0], temps[1]
+            yield temps
             for tmp, path in ((temps[1], final[1]), (temps[0], final[0])):  # .bin last: it marks completion
                 fsync_path(tmp)
                 os.replace(tmp, path)
@@ -362,8 +374,6 @@ def atomic_outputs(prefix: str, overwrite: bool) -> Iterator[tuple[str, str]]:
         for path in temps:
             if os.path.exists(path):
                 os.unlink(path)
-        if created and not os.listdir(parent):
-            os.rmdir(parent)
         raise
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
 
+from megatron_prune.errors import user_error_message
+
 T = TypeVar("T")
 
 
@@ -27,16 +29,12 @@ class RankFailure(Exception):
 
 
 def is_user_error(e: BaseException) -> bool:
-    """The CLI contract (cli.common): UserError, and OS errors about the user's files."""
-    from megatron_prune.cli.common import user_error_message  # lazily: it imports the checkpoint modules
-
+    """The one contract (megatron_prune.errors): UserError, and OS errors about the user's files."""
     return user_error_message(e) is not None
 
 
 def one_line(e: BaseException) -> str:
     """The one-line message of a user error (else the exception's first line)."""
-    from megatron_prune.cli.common import user_error_message
-
     msg = user_error_message(e)
     if msg is None:
         lines = str(e).splitlines()

@@ -10,14 +10,17 @@ therefore one number, the consumed train samples (= iteration * gbs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_prune.data.indexed import check_index_cache, check_indexed_dataset
 from megatron_prune.errors import InputError
 from megatron_prune.train.config import ConfigError, TrainConfig, parse_blend, parse_split
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+INDEX_CACHE_NAME = "dataset_cache"  # inside --save
 
 
 @dataclass(frozen=True)
@@ -27,29 +30,40 @@ class DataSplits:
 
 
 def _check_prefixes(prefixes: list[str]) -> None:
-    from pathlib import Path
-
     missing = [p for p in prefixes if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
     if missing:
         raise InputError(f"indexed dataset(s) not found: {', '.join(missing)} (expected PREFIX.bin and "
                                 f"PREFIX.idx, e.g. written by `python -m megatron_prune preprocess`)")
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
 
 
 def check_data_paths(cfg: TrainConfig) -> None:
-    """Fail early (before building models) when a dataset prefix is missing."""
+    """Fail early (before building models): a dataset prefix missing, truncated or corrupt; an index cache holding
+    anything but plain arrays."""
     _check_prefixes(parse_blend(cfg.data_path)[0])
     if cfg.valid_data_path:
         _check_prefixes(parse_blend(cfg.valid_data_path)[0])
+    if index_cache_dir(cfg):
+        check_index_cache(index_cache_dir(cfg))
+
+
+def index_cache_dir(cfg: TrainConfig) -> str:
+    """Where megatron-core caches the dataset indices: --data-cache-path, else SAVE/dataset_cache (this run's own
+    folder), else "" (built in memory by every rank). Never beside the data, megatron-core's default: a data
+    folder is an input (it may be read-only or shared, and a cache file planted there would be unpickled)."""
+    if cfg.data_cache_path:
+        return cfg.data_cache_path
+    return str(Path(cfg.save) / INDEX_CACHE_NAME) if cfg.save else ""
 
 
 def dataset_config(cfg: TrainConfig, tokenizer) -> Any:
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    check_data_paths(cfg)
     train_blend = parse_blend(cfg.data_path)
     common = dict(random_seed=cfg.seed, sequence_length=cfg.seq_length, tokenizer=tokenizer,
                   reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=cfg.eod_mask_loss,
-                  create_attention_mask=False, path_to_cache=cfg.data_cache_path)
+                  create_attention_mask=False, path_to_cache=index_cache_dir(cfg))
     if cfg.valid_data_path:
         valid_blend = parse_blend(cfg.valid_data_path)
         return GPTDatasetConfig(blend_per_split=[train_blend, valid_blend, None], **common)

@@ -29,7 +29,10 @@ from megatron_prune.train.metrics import IntervalStats, MetricsWriter, default_p
 
 
 class TrainingAborted(UserError, RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient. The losses and the gradient norm are global,
+    so every rank raises it at the same step: reported once, by rank 0 (exit 2, cli.dist_entry)."""
+
+    on_every_rank = True
 
 
 @dataclass
@@ -81,7 +84,7 @@ def setup(cfg: TrainConfig) -> Session:
     model = _wrap_ddp(cfg, model)
     optimizer = _build_optimizer(cfg, model)
     scheduler = _build_scheduler(cfg, optimizer)
-    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info) if resume else ckpt.Progress()
+    progress = _restore(cfg, point, state, optimizer, scheduler, info) if resume else ckpt.Progress()
     del state
     teacher, teacher_meta = agree(_build_teacher, cfg, info, meta)
     data = build_datasets(cfg, tokenizer)
@@ -166,7 +169,9 @@ def _build_optimizer(cfg: TrainConfig, model):
 
 
 def _build_scheduler(cfg: TrainConfig, optimizer):
-    """Megatron-LM counts scheduler steps in samples: one iteration = global_batch_size steps."""
+    """Megatron-LM counts scheduler steps in samples: one iteration = global_batch_size steps. On resume the
+    checkpoint gives the step count, this run's settings give the schedule (override): a run extended with a
+    larger --train-iters decays to its new end instead of training on at the old schedule's final rate."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gbs = cfg.global_batch_size
@@ -174,7 +179,37 @@ def _build_scheduler(cfg: TrainConfig, optimizer):
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters * gbs,
         lr_decay_steps=cfg.decay_iters * gbs, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay, wd_incr_steps=cfg.decay_iters * gbs, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False)
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+# (scheduler attribute, what the user calls it, steps per unit: iterations are global_batch_size steps)
+_SCHEDULE = (("max_lr", "lr", None), ("min_lr", "min-lr", None), ("lr_warmup_steps", "warm-up iterations", "gbs"),
+             ("lr_decay_steps", "decay iterations", "gbs"), ("lr_decay_style", "decay style", None),
+             ("start_wd", "weight decay", None))
+
+
+def _restore(cfg: TrainConfig, point, state: dict, optimizer, scheduler, info) -> ckpt.Progress:
+    """Resume the optimizer, RNG, data position and step count; the schedule is this run's, and rank 0 says so in
+    one line when it differs from the checkpoint's (e.g. --train-iters 12 -> 16)."""
+    progress = ckpt.restore_training_state(point, state, optimizer, scheduler, info)
+    changes = schedule_changes(state["opt_param_scheduler"], scheduler, cfg.global_batch_size)
+    if changes and info.rank == 0:
+        print(f"resuming iteration {progress.iteration} with this run's learning-rate schedule, not the "
+              f"checkpoint's: {', '.join(changes)}", flush=True)
+    return progress
+
+
+def schedule_changes(saved: dict, scheduler, gbs: int) -> list[str]:
+    """`NAME OLD -> NEW` for every schedule setting of this run that differs from the saved scheduler state."""
+    changes = []
+    for key, name, unit in _SCHEDULE:
+        old, new = saved.get(key), getattr(scheduler, key)
+        if old is None or old == new:
+            continue
+        if unit == "gbs":
+            old, new = f"{old / gbs:g}", f"{new / gbs:g}"
+        changes.append(f"{name} {old} -> {new}")
+    return changes
 
 
 def _build_teacher(cfg: TrainConfig, info, meta: mio.CheckpointMeta):

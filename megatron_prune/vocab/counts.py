@@ -53,8 +53,23 @@ class TokenCounts:
         if not isinstance(d, dict) or d.get("format") != COUNTS_FORMAT:
             raise CountsError(f"not a counts file (format {d.get('format') if isinstance(d, dict) else None!r}, "
                               f"expected {COUNTS_FORMAT!r}; make one with `vocab-freq`)")
-        return cls(tuple(int(c) for c in d["counts"]), dict(d["tokenizer"]), tuple(d.get("inputs", ())),
-                   int(d.get("documents", 0)))
+        counts, tokenizer = d.get("counts"), d.get("tokenizer")
+        if not isinstance(counts, list) or not all(_is_count(c) for c in counts):
+            bad = next((c for c in counts if not _is_count(c)), None) if isinstance(counts, list) else counts
+            raise CountsError(f"'counts' must be a list of non-negative integers (found {bad!r})")
+        if not (isinstance(tokenizer, dict) and _is_count(tokenizer.get("vocab_size"))
+                and isinstance(tokenizer.get("vocab_sha256"), str)):
+            raise CountsError("'tokenizer' must record the tokenizer's vocab_size and vocab_sha256 (as vocab-freq "
+                              "writes it)")
+        inputs, documents = d.get("inputs", []), d.get("documents", 0)
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs) or not _is_count(documents):
+            raise CountsError("'inputs' must be a list of paths and 'documents' a non-negative integer")
+        return cls(tuple(counts), dict(tokenizer), tuple(inputs), documents)
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 1.5 or 1e400)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def write_counts(path: str | Path, counts: TokenCounts) -> None:

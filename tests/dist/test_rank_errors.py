@@ -105,3 +105,50 @@ def test_distributed_optimizer_resume_at_another_dp_size_is_one_line(ws, tmp_pat
     out = train_script(2, args + ["--train-iters", "2"])  # DP=2 now: rank 1 has no shard, the sizes differ
     assert_one_report(out, 2, "saved by 1 data-parallel ranks, this job has 2")
     assert (run / mio.TRACKER).read_text().strip() == "1"
+
+
+# ---------------------------------------------------------------------------------- issue 26 / issue 19
+def test_one_process_under_the_script_is_one_line(ws, tmp_path):  # noqa: F811
+    """NPROC=1 goes through cli/launch.py like NPROC=2: a user error is one line, exit 2 (was: exit 1, 18 lines,
+    `worker rank 0 ... exited with code 2 without a report` and torchrun's summary box)."""
+    out = train_script(1, train_args(ws["root"] / "tp1", tmp_path / "run", str(tmp_path / "nowhere"),
+                                     "--train-iters", "1"))
+    assert_one_report(out, 2, "indexed dataset(s) not found", str(tmp_path / "nowhere"))
+    assert "without a report" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
+    assert len(out.stderr.strip().splitlines()) <= 2, out.stderr[-3000:]  # the line, plus torchrun's own log line
+
+
+def test_usage_error_under_the_script_is_one_line(ws, tmp_path):  # noqa: F811
+    """Every rank parses the command line: rank 0 alone says what is wrong, exit 2 (was one line per rank, then
+    `exited with code 2 without a report` and the summary box)."""
+    out = train_script(2, train_args(ws["root"] / "tp1", tmp_path / "run", ws["data"], "--train-iters", "1",
+                                     "--no-such-flag"))
+    assert_one_report(out, 2, "--no-such-flag")
+    assert "without a report" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
+
+
+def test_training_aborted_on_non_finite_steps_is_one_line_exit_2(ws, tmp_path):  # noqa: F811
+    """TrainingAborted is a user error like any other: one line from rank 0, exit 2 through dist_entry (was: exit 1,
+    33 lines and a false `rank 1 exited without a report`)."""
+    args = train_args(ws["root"] / "tp1", tmp_path / "run", ws["data"], "--train-iters", "6", "--max-bad-steps", "2")
+    args[args.index("--lr") + 1] = "1e12"
+    out = train_script(2, args)
+    assert_one_report(out, 2, "consecutive non-finite steps", "aborting")
+    assert "without a report" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fault", ["bug", "enospc"])
+def test_fault_in_the_train_writer_on_rank_1(ws, tmp_path, fault):  # noqa: F811
+    """The contract for the train writer, from a rank that is not rank 0: a programming error inside the
+    rank-file write keeps its traceback (once) and exits 1; a full disk there is one line naming the file, exit 2;
+    neither leaves a tracker or a partial rank file behind."""
+    args = ["train", *train_args(ws["root"] / "tp2", tmp_path / "run", ws["data"], "--tp", "2", "--train-iters", "1")]
+    out = launch("--nproc-per-node", "2", "-m", "tests.dist.writer_faults", fault, "1", *args)
+    if fault == "bug":
+        assert out.returncode == 1, out.stderr[-3000:]
+        assert out.stderr.count("Traceback (most recent call last)") == 1 and "KeyError: 'internal'" in out.stderr
+        assert "rank 1:" in out.stderr and not error_lines(out.stderr), out.stderr[-3000:]
+    else:
+        assert_one_report(out, 2, "no space left on device writing", "mp_rank_01", mio.RANK_FILE)
+    assert not (tmp_path / "run" / mio.TRACKER).exists()
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp-" in p.name]

@@ -19,11 +19,11 @@ from tests.dist.test_train_dist import GBS, SEQ, ws  # noqa: F401  (module fixtu
 pytestmark = pytest.mark.dist
 
 
-def train_cli(ckpt: Path, data: str, iters: int) -> subprocess.CompletedProcess:
+def train_cli(ckpt: Path, data: str, iters: int, *extra: str) -> subprocess.CompletedProcess:
     """The user's command in bf16 (the GPU default; CPU's is fp32), one process."""
     args = ["--load", str(ckpt), "--save", str(ckpt), "--data-path", data, "--split", "98,2,0", "--bf16",
             "--micro-batch-size", "2", "--global-batch-size", str(GBS), "--seq-length", str(SEQ),
-            "--train-iters", str(iters), "--lr", "3e-3", "--eval-iters", "0", "--log-interval", "1"]
+            "--train-iters", str(iters), "--lr", "3e-3", "--eval-iters", "0", "--log-interval", "1", *extra]
     return subprocess.run([sys.executable, "-m", "megatron_prune", "train", *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
@@ -66,3 +66,29 @@ def test_root_meta_of_another_iteration_is_refused(ws, tmp_path):  # noqa: F811
     mio.write_meta(ckpt, meta.replace(shape=meta.shape.replace(dtype="bfloat16")), iteration=4)
     with pytest.raises(CheckpointError, match="describes iteration 4"):
         mio.read_meta(ckpt)
+
+
+def test_extending_a_run_decays_to_the_new_end(ws, tmp_path):  # noqa: F811
+    """`--train-iters 12`, then the same command with 16: the new iterations follow the schedule of a 16-iteration
+    run (cosine from the warm-up to iteration 16, Megatron-LM's formula written out here), and the run says once
+    that it replaced the checkpoint's schedule. Before: the checkpoint's 12-iteration schedule won, and
+    iterations 13-16 trained at lr 0."""
+    import math
+
+    ckpt = tmp_path / "x"
+    shutil.copytree(ws["root"] / "tp1", ckpt)
+    extra = ["--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "0"]
+    first = train_cli(ckpt, ws["data"], 12, *extra)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "learning-rate schedule" not in first.stdout + first.stderr
+    out = train_cli(ckpt, ws["data"], 16, *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(ln) for ln in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["iteration"]: r["lr"] for r in records if r.get("kind") == "train"}
+    for it in range(13, 17):
+        step, warmup, end = it - 1, 2, 16  # the rate iteration `it` uses: after it - 1 iterations
+        expected = 3e-3 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (end - warmup)))
+        assert lrs[it] > 0 and lrs[it] == pytest.approx(expected, rel=1e-6), (it, lrs)
+    said = [ln for ln in out.stdout.splitlines() if "learning-rate schedule" in ln]
+    assert said == ["resuming iteration 12 with this run's learning-rate schedule, not the checkpoint's: "
+                    "decay iterations 12 -> 16"], out.stdout[-3000:]

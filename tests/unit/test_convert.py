@@ -216,3 +216,70 @@ def test_export_missing_rank_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "mp_rank_01/model_optim_rng.pt: missing rank file" in err
     assert not (tmp_path / "back").exists()
+
+
+# ---------------------------------------------------------------- features we do not model are refused (issue 26)
+def make_mistral(path, seed: int = 0, **overrides):
+    """A tiny MistralForCausalLM written by transformers itself (fp32 safetensors)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+              initializer_range=0.1, tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**kw)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("model,edit,named", [
+    ("mistral16", {}, "sliding_window 16"),
+    ("mistral", {"sliding_window": 100}, "sliding_window 100"),
+    ("mistral", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling: rope scaling type 'yarn'"),
+    ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ("llama", {"head_dim": None, "hidden_size": 60}, "head_dim"),
+])
+def test_unsupported_model_features_are_refused(tmp_path, capsys, model, edit, named):
+    """A config field that changes what the model computes is refused in one line naming it and the file, never
+    dropped. Before: a Mistral with sliding_window 16 converted with exit 0, and its export differed by up to
+    0.575 in the logits from position 16 on."""
+    hf = tmp_path / "hf"
+    if model.startswith("mistral"):
+        make_mistral(hf, sliding_window=16 if model == "mistral16" else None)
+    else:
+        make_hf_model(hf, **VARIANTS["gqa"])
+    if edit:
+        edit_config(hf, **edit)
+    rc, err = run_cli(capsys, "--hf-dir", str(hf), "--save", str(tmp_path / "out"))
+    assert rc == 2 and err.startswith(f"error: {hf / 'config.json'}: {named}") and "\n" not in err, err
+    assert "not supported" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("window", [None, 256])
+def test_mistral_with_full_attention_converts_exactly(tmp_path, window):
+    """Mistral without a window (v0.2 and later), or with one no shorter than its context: the same function as
+    LLaMA. The export, run as LlamaForCausalLM, matches transformers' own MistralForCausalLM."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import random_tokens
+
+    ref = make_mistral(tmp_path / "hf", sliding_window=window)
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=2, progress=False)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "back", progress=False)
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = random_tokens(512, seq=64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, ref(tokens).logits, rtol=1e-5, atol=1e-5)

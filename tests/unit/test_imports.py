@@ -27,7 +27,6 @@ LAYERS = {  # first part of the module path (below the package) -> layer
 # mlm_command's shape and tokenizer imports): removed when branches ckpt/trust merge. (importer, imported)
 ALLOWED = {
     ("checkpoint.consistency", "checkpoint.megatron_io"),  # C1: open_checkpoint moves to megatron_io (ckpt)
-    ("model.agree", "cli.common"),                          # U1: user_error_message into errors.py (trust)
     ("checkpoint.mlm_command", "model.build"),              # U3: check_rope_supported into config/shape (ckpt)
     ("checkpoint.mlm_command", "data.tokenizers"),          # U4: the CLI hands over the tokenizer size (ckpt)
 }

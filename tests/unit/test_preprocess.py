@@ -5,6 +5,7 @@ input format and worker count; user errors are one clear line and leave no outpu
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import subprocess
@@ -410,3 +411,104 @@ def test_sample_files_are_disjoint_and_small():
     for f in SAMPLES.iterdir():
         assert f.stat().st_size < 1_000_000
     assert (SAMPLES / "README.md").is_file()
+
+
+# ---------------------------------------------------------------- compressed input: to its end, or refused (issue 26)
+
+
+def _zst_inputs(tmp_path: Path) -> tuple[Path, bytes]:
+    """The sample as jsonl and its zstd compression with a block flushed after every line (so a cut at a block
+    boundary leaves whole lines: exactly what was accepted before, as if the corpus were shorter)."""
+    import zstandard
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": t} for t in sample_texts(limit=60)])
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(write_checksum=True).stream_writer(buf, closefd=False) as w:
+        for line in plain.read_bytes().splitlines(keepends=True):
+            w.write(line)
+            w.flush(zstandard.FLUSH_BLOCK)
+    return plain, buf.getvalue()
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, -4, -1])
+def test_truncated_zst_is_refused_in_one_line(tmp_path, sp_model, cut, capsys):
+    from megatron_prune.__main__ import main
+
+    pytest.importorskip("zstandard")
+    _, data = _zst_inputs(tmp_path)
+    bad = tmp_path / "cut.jsonl.zst"
+    bad.write_bytes(data[:int(len(data) * cut)] if cut > 0 else data[:cut])
+    rc = main(["preprocess", "--input", str(bad), "--tokenizer", str(sp_model), "--output-prefix",
+               str(tmp_path / "out" / "ds"), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: truncated zstd file"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "corrupt", "trailing"])
+def test_non_zstd_or_corrupt_zst_is_one_line(tmp_path, sp_model, kind, capsys):
+    from megatron_prune.__main__ import main
+
+    pytest.importorskip("zstandard")
+    _, data = _zst_inputs(tmp_path)
+    bad = tmp_path / f"{kind}.txt.zst"
+    if kind == "garbage":
+        bad.write_bytes(b"this is plain text, not zstd\n" * 20)
+    elif kind == "corrupt":
+        mid = len(data) // 2
+        bad.write_bytes(data[:mid] + bytes(b ^ 0x5A for b in data[mid:mid + 64]) + data[mid + 64:])
+    else:
+        bad.write_bytes(data + b"junk")
+    rc = main(["preprocess", "--input", str(bad), "--tokenizer", str(sp_model), "--output-prefix",
+               str(tmp_path / "ds"), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: "), err
+    assert {"garbage": "is not zstd-compressed", "corrupt": "corrupt zstd", "trailing": "after its last zstd frame"
+            }[kind] in err[0]
+
+
+@pytest.mark.parametrize("writer", ["zstd", "pzstd", "concatenated"])
+def test_every_zstd_frame_is_read(tmp_path, sp_model, writer):
+    """Files the zstd tools write (zstd --check; pzstd's frame behind a skippable frame) and two compressed files
+    concatenated: the same documents as the uncompressed file (the frame walk of check_zstd_complete must
+    accept every frame layout the decompressor reads)."""
+    import shutil
+    import subprocess as sp
+
+    zstandard = pytest.importorskip("zstandard")
+    plain, _ = _zst_inputs(tmp_path)
+    packed = tmp_path / "packed.jsonl.zst"
+    if writer == "concatenated":
+        lines = plain.read_bytes().splitlines(keepends=True)
+        half = len(lines) // 2
+        packed.write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines[:half]))
+                           + zstandard.ZstdCompressor().compress(b"".join(lines[half:])))
+    else:
+        if shutil.which(writer) is None:
+            pytest.skip(f"no {writer} command")
+        extra = ["-p", "2"] if writer == "pzstd" else ["--check"]
+        sp.run([writer, "-q", *extra, str(plain), "-o", str(packed)], check=True)
+    ref = preprocess(PreprocessConfig([str(plain)], str(sp_model), str(tmp_path / "ref"), progress=False))
+    got = preprocess(PreprocessConfig([str(packed)], str(sp_model), str(tmp_path / "got"), progress=False))
+    assert got.documents == ref.documents == 60
+    assert read_back(got.prefix)[1] == read_back(ref.prefix)[1]
+
+
+def test_a_second_preprocess_into_the_same_prefix_is_refused(tmp_path, sp_model, capsys):
+    """Two runs into one prefix, neither with --overwrite, both passed the existence check and both exited 0,
+    one replacing the other's output (a .bin of one corpus could meet the .idx of the other). The prefix is locked
+    like every other output now: the second run is refused at once."""
+    from megatron_prune.__main__ import main
+    from megatron_prune.checkpoint.lock import output_lock
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in sample_texts(limit=3)])
+    prefix = tmp_path / "out" / "ds"
+    with output_lock(pp.output_prefix(str(prefix))):  # as a first run holds it while it writes
+        rc = main(["preprocess", "--input", str(src), "--tokenizer", str(sp_model), "--output-prefix", str(prefix),
+                   "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is locked by" in err[0] and f"pid {os.getpid()}" in err[0], err
+    assert only_inputs_left(tmp_path / "out") == []
+    assert main(["preprocess", "--input", str(src), "--tokenizer", str(sp_model), "--output-prefix", str(prefix),
+                 "--workers", "1", "--no-progress"]) == 0  # released: the next run works, and leaves no lock file
+    assert only_inputs_left(tmp_path / "out") == ["ds_text_document.bin", "ds_text_document.idx"]

@@ -320,3 +320,116 @@ def test_a_single_file_write_is_fsynced_with_its_directory(tmp_path, monkeypatch
     assert any(".model_optim_rng.pt.tmp-" in p for p in synced) and str(tmp_path) in synced
     assert (tmp_path / "model_optim_rng.pt").read_bytes() == b"weights"
     assert [p.name for p in tmp_path.iterdir()] == ["model_optim_rng.pt"]
+
+
+# ------------------------------------------------------------------------------------- one contract, one place
+def test_the_contract_is_applied_once_by_main():
+    """__main__ wraps every subcommand in `user_errors`; a module that wraps its own `run` again is a second home
+    of the contract (issue 19). model.agree takes the rule from errors.py, not from the CLI layer above it."""
+    import importlib
+
+    from megatron_prune import __main__ as entry
+    from megatron_prune.model import agree
+
+    twice = [name for name, (module, _) in entry.SUBCOMMANDS.items()
+             if hasattr(importlib.import_module(module).run, "__wrapped__")]
+    assert twice == []
+    assert agree.user_error_message.__module__ == "megatron_prune.errors"
+
+
+def test_preprocess_user_error_is_one_line_through_main(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    rc = main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer",
+               str(REPO / "tests/data/mistral_tokenizer.model.v1"), "--output-prefix", str(tmp_path / "out"),
+               "--workers", "1", "--no-progress"])
+    assert rc == 2 and "invalid JSON" in _one_error_line(capsys.readouterr().err)
+
+
+def test_programming_error_in_the_reshard_writer_keeps_its_traceback(ckpts, tmp_path):
+    """The contract for the reshard writer: a bug inside its rank-file write is a traceback and exit 1 (never an
+    `error:` line), and its temporary output is removed; a full disk there is one line, exit 2
+    (test_simulated_enospc_in_a_rank_file_removes_partial_files)."""
+    code = ("import sys; import megatron_prune.checkpoint.megatron_io as mio\n"
+            "def boom(*a, **k): raise KeyError('internal')\n"
+            "mio.torch_save = boom\n"
+            "from megatron_prune.__main__ import main\n"
+            f"sys.exit(main(['reshard', '--load', {str(ckpts / 'mg')!r}, '--save', {str(tmp_path / 'out')!r}, "
+            "'--tp', '1', '--no-progress']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'internal'" in r.stderr, r.stderr[-2000:]
+    assert "error:" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_while_writing_safetensors_is_one_line(ckpts, small_disk, monkeypatch, capsys):
+    """The HF writer (export, prune-hf, prune-vocab --hf-dir): safetensors reports a full disk as its own
+    SafetensorError, which used to pass every OS-error translation (a 25-line traceback). Now one line naming the
+    output, exit 2, and nothing left on the disk."""
+    disk = small_disk("300k")
+    import megatron_prune.checkpoint.convert_files as cf
+
+    monkeypatch.setattr(cf, "check_free_space", lambda *a: None)  # as if the estimate had been too low
+    rc = main(["convert", "megatron-to-hf", "--load", str(ckpts / "mg"), "--save", str(disk / "out"),
+               "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: no space left on device writing {disk / 'out'}"), line
+    assert list(disk.iterdir()) == []
+
+
+def test_simulated_full_disk_in_a_safetensors_shard_removes_partial_files(ckpts, tmp_path, monkeypatch, capsys):
+    """No mount needed: the shard write fails half-way as safetensors fails on ENOSPC."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    rc = main(["convert", "megatron-to-hf", "--load", str(ckpts / "mg"), "--save", str(tmp_path / "out"),
+               "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "no space left on device writing" in line and str(tmp_path / "out") in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_legal_250_character_output_name_works(ckpts, tmp_path, capsys):
+    """NAME_MAX is 255 bytes: a 250-character output name is legal, but its siblings `.NAME.tmp-HOST-PID` and
+    `.NAME.megatron_prune.lock` were not (`File name too long`). Long names get shortened siblings (a prefix and a
+    hash of the whole name): the write works, its lock still refuses a second writer, a dead run's temporary is
+    still recognised and removed, and nothing is left beside the output."""
+    from megatron_prune.checkpoint.lock import output_lock
+
+    out = tmp_path / ("o" * 250)
+    with output_lock(out):
+        assert main(["convert", "hf-to-megatron", "--hf-dir", str(ckpts / "hf"), "--save", str(out),
+                     "--no-progress"]) == 2
+    assert "is locked by" in _one_error_line(capsys.readouterr().err)
+    stale = tmp_path / atomic.temp_name(out.name).replace(str(os.getpid()), str(_dead_pid()))
+    assert len(stale.name.encode()) <= 255
+    stale.mkdir()
+    rc = main(["convert", "hf-to-megatron", "--hf-dir", str(ckpts / "hf"), "--save", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"removed stale temporary {stale}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    other = tmp_path / ("o" * 249 + "p")  # another long name sharing the first 190 bytes: its own siblings
+    assert atomic.temp_name(other.name) != atomic.temp_name(out.name)
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C is handled once, by the shared contract (it was preprocess's own try/except): `error: interrupted`,
+    exit 130, and the writer's partial output is gone."""
+    import megatron_prune.data.preprocess as pre
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pre, "write_dataset", interrupted)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    rc = main(["preprocess", "--input", str(tmp_path / "a.jsonl"), "--tokenizer",
+               str(REPO / "tests/data/mistral_tokenizer.model.v1"), "--output-prefix", str(tmp_path / "out" / "ds"),
+               "--workers", "1", "--no-progress"])
+    assert rc == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]

@@ -212,7 +212,9 @@ def test_plot_writes_png(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     x, y = plot.series(recs, "eval", "lm_loss")
     assert (x, y) == ([1280], [5.6])
-    assert plot.run(p.parse_args([str(tmp_path / "missing.jsonl")])) == 2
+    from megatron_prune.__main__ import main  # the one place the user-error contract is applied
+
+    assert main(["plot", str(tmp_path / "missing.jsonl")]) == 2
 
 
 # ---------------------------------------------------------------------------------------------- cpu compat

@@ -407,3 +407,47 @@ def test_budget_skips_a_token_whose_intermediates_do_not_fit():
     assert _encode(spm.prune_model(model, vmap.kept), "abc") == ["abc"]
     vmap, stats = plan_vocab(source, counts, 2, keep_min=True)
     assert vmap.kept == (0, 1, 2, 3, 4, 5) and stats["merge_closure_added"] == 1
+
+
+# ----------------------------------------------------------------------------- untrusted counts files (issue 26)
+@pytest.mark.parametrize("field,value,needle", [
+    ("counts", "x", "'counts' must be a list of non-negative integers (found 'x')"),
+    ("counts", 1.5, "(found 1.5)"),
+    ("counts", True, "(found True)"),
+    ("counts", 1e400, "(found inf)"),
+    ("counts", -3, "(found -3)"),
+    ("counts", None, "(found None)"),
+    ("tokenizer", "abc", "'tokenizer' must record"),
+    ("documents", "many", "'documents' a non-negative integer"),
+])
+def test_malformed_counts_are_one_line(toks, tmp_path, capsys, field, value, needle):
+    """A counts file edited by hand or by another tool: one line naming it and the field (before: 28-31-line
+    tracebacks for text or infinite counts, and 1.5 / true silently read as 1)."""
+    tok = str(toks["spm-bpe"])
+    good = json.loads(make_counts(toks["spm-bpe"], tmp_path / "c.json").read_text())
+    if field == "counts":
+        good["counts"][3] = value
+    else:
+        good[field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(good).replace("Infinity", "1e400"))
+    capsys.readouterr()
+    assert main(["prune-vocab", "--counts", str(bad), "--keep", "300", "--tokenizer", tok, "--save",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: ") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_freq_into_a_missing_folder_fails_before_counting(toks, tmp_path, capsys, monkeypatch):
+    """Checked first: the corpus is not counted (before: it was, then the write of its own temporary file failed
+    with `No such file or directory`)."""
+    import megatron_prune.vocab.counts as vc
+
+    monkeypatch.setattr(vc, "count_tokens", lambda *a, **k: pytest.fail("counted before checking the output"))
+    out = tmp_path / "missing" / "sub" / "counts.json"
+    rc = main(["vocab-freq", "--tokenizer", str(toks["spm-bpe"]), "--input", str(SAMPLES / "heldout.jsonl"),
+               "--output", str(out), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"error: --output {out}: ") and "no such folder" in err and "\n" not in err, err
+    assert not (tmp_path / "missing").exists()
