@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     from megatron_prune.cli.commands import make_parser
-    from megatron_prune.cli.common import name_env_flags, user_error_message, user_errors
+    from megatron_prune.cli.common import name_env_flags, user_errors
+    from megatron_prune.errors import user_error_message
     from megatron_prune.cli.quiet import third_party_noise
 
     try:
