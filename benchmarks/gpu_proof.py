@@ -71,7 +71,7 @@ def _train_argv(py: str, work: Path, name: str, load: Path, seq: int, mbs: int, 
             "--data-cache-path", str(work / "data" / "cache"), "--seq-length", str(seq),
             "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--train-iters", str(iters),
             "--lr", "1e-4", "--min-lr", "1e-5", "--bf16", "--eval-iters", "0", "--log-interval", "1",
-            "--metrics-file", str(work / f"{name}.jsonl"), *extra]
+            "--metrics-file", str(work / f"{name}.jsonl"), *([] if "--save" in extra else ["--no-save"]), *extra]
 
 
 def plan(opts: argparse.Namespace) -> list[Stage]:

@@ -276,18 +276,15 @@ def check_command(argv: list[str]) -> str | None:
 
 
 def _check_cli(args: list[str]) -> str | None:
-    import importlib
-
-    from megatron_prune.__main__ import SUBCOMMANDS
+    from megatron_prune.cli.commands import SUBCOMMANDS, make_parser
 
     for words in (2, 1):
         name = " ".join(args[:words])
         if name in SUBCOMMANDS:
-            module = importlib.import_module(SUBCOMMANDS[name][0])
-            parser = argparse.ArgumentParser(prog=name)
-            module.add_arguments(parser)
+            module, parser = make_parser(name)  # the CLI's own parser: no abbreviations, its exit code 2
             try:
                 ns = parser.parse_args(args[words:])
+                vars(ns).pop("verbose")
                 if name in ("train", "prune"):
                     module.build_config(ns)  # the settings' own validation (no files are read)
             except SystemExit as e:

@@ -14,4 +14,5 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
 mp_help "$0" "-m megatron_prune.demo" "$@"
 mp_flag --out OUT
+mp_check_env
 exec "$PYTHON" -m megatron_prune.demo ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -16,7 +16,7 @@
 #   --num-layers-remain           NUM_LAYERS_REMAIN           layers to keep, by Block Influence (activation|taylor) []
 #   --drop-layers                 DROP_LAYERS                 layer ids to drop, 0-based, e.g. 7,13,18,24  []
 #   --prune-type                  PRUNE_TYPE                  balance (equal shards) | global (uneven)  [balance]
-#   --importance                  IMPORTANCE                  random | magnitude | activation | taylor  [activation with a budget, else random]
+#   --importance                  IMPORTANCE                  random | magnitude | activation | taylor  [activation]
 #                                                             (taylor: |weight x gradient| per unit, backward passes)
 #   --calib-data                  CALIB_DATA                  text/jsonl file or indexed dataset prefix
 #                                                                                    [the shipped English sample]
@@ -35,9 +35,13 @@
 #   --search-candidates           SEARCH_CANDIDATES           candidate shapes to keep               [8]
 #   --[no-]dry-run                DRY_RUN=1|0                 list the candidates and stop: one process, no
 #                                                             torchrun, nothing written (--save not needed) [0]
+#                                 OMP_NUM_THREADS             CPU threads per process                [1]
 #                                 PYTHON                      Python interpreter [the repository's .venv, else python3]
 #
-# Example (the seed's 7B -> 3.4B shape):
+# After `make demo` (SmolLM2-135M at TP=3: the demo's own shape, 30 -> 20 layers, about a minute on 2 cores):
+#   bash scripts/prune_llama.sh --load demo_out/megatron-tp3 --save demo_out/pruned-again --hidden-size-remain 480 \
+#     --num-attention-heads-remain 6 --ffn-hidden-size-remain 1020 --num-layers-remain 20
+# LLaMA-2-7B -> 3.4B:
 #   bash scripts/prune_llama.sh --load ckpt/llama2-7b-tp8 --save ckpt/pruned --hidden-size-remain 3072 \
 #     --num-attention-heads-remain 24 --ffn-hidden-size-remain 8192 --drop-layers 7,13,18,24
 # or the same with variables:
@@ -74,22 +78,8 @@ mp_flag --max-depth-drop MAX_DEPTH_DROP
 mp_flag --max-width-drop MAX_WIDTH_DROP
 mp_flag --search-candidates SEARCH_CANDIDATES
 mp_switch dry-run DRY_RUN
-
-# --dry-run lists a budget's candidate shapes in this one process (it reads no tensors): no torchrun.
-if [[ $(mp_on dry-run ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@") == 1 ]]; then
-  exec "$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"
-fi
-# Every user error (a missing --load, a wrong --tp, a bad size) is caught here, in one process, before torchrun
-# starts TP workers.
-"$PYTHON" -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@" --check-only
-nproc=$(mp_last --tp ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
-if [[ -z "$nproc" ]]; then  # the check passed, so --load is a readable checkpoint
-  load=$(mp_last --load ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@")
-  nproc=$("$PYTHON" -c 'import sys; from megatron_prune.checkpoint.megatron_io import read_meta
-print(read_meta(sys.argv[1]).tp)' "$load") || { echo "error: give --tp / TP (cannot read the TP size of $load)" >&2
-                                               exit 2; }
-fi
-# torchrun through megatron_prune.cli.launch: a worker's error (a bad rank file) is one line, not a traceback wall
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PYTHON" -m megatron_prune.cli.launch --standalone --nproc-per-node "$nproc" \
-  -m megatron_prune prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"
+mp_vars OMP_NUM_THREADS
+mp_check_env
+# Every user error (a missing --load, a wrong --tp, a bad size) is found in one process before torchrun starts one
+# process per TP rank of --load; --check-only and --dry-run run in that one process only.
+mp_torchrun prune ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -1,26 +1,5 @@
 #!/usr/bin/env bash
-# Change the tensor-parallel (and pipeline-parallel) size or the format of a Megatron checkpoint: converted, pruned
-# (even or uneven `global`-mode shards) or trained, legacy or torch_dist. Bit-exact; one output rank at a time;
-# optimizer state is not carried.
-#
-# Flag / Environment variable (a flag wins over its variable). Other arguments are passed
-# to `python -m megatron_prune reshard` (see the options below).
-#   --load  LOAD    source checkpoint directory      [required]
-#   --save  SAVE    output checkpoint directory      [required]
-#   --tp    TP      target tensor-parallel size      [1]
-#   --pp    PP      target pipeline-parallel size    [1]
-#   --ckpt-format  CKPT_FORMAT  output format: torch (legacy rank files) | torch_dist   [torch]
-#           PYTHON  Python interpreter               [the repository's .venv, else python3]
-#
-# Examples: bash scripts/transfer.sh --load ckpt/pruned-global --save ckpt/pruned-tp2 --tp 2
-#           LOAD=ckpt/pruned-global SAVE=ckpt/pruned-tp2 TP=2 bash scripts/transfer.sh
+# The former name of scripts/reshard.sh (change the TP/PP size of a Megatron checkpoint), kept for scripts that call
+# it: same flags, same variables. See `bash scripts/reshard.sh --help`.
 set -euo pipefail
-source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"
-mp_help "$0" "-m megatron_prune reshard" "$@"
-mp_flag --load LOAD
-mp_flag --save SAVE
-TP=${TP:-1}  # this script's default; `reshard` itself requires --tp
-mp_flag --tp TP
-mp_flag --pp PP
-mp_flag --ckpt-format CKPT_FORMAT
-exec "$PYTHON" -m megatron_prune reshard ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"
+exec bash "$(dirname -- "${BASH_SOURCE[0]}")/reshard.sh" "$@"

@@ -24,4 +24,5 @@ mp_flag --pp PP
 mp_flag --dtype DTYPE
 mp_flag --make-vocab-size-divisible-by DIVISIBLE_BY
 mp_flag --ckpt-format CKPT_FORMAT
+mp_check_env
 exec "$PYTHON" -m megatron_prune convert hf-to-megatron ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

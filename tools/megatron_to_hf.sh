@@ -17,4 +17,5 @@ mp_help "$0" "-m megatron_prune convert megatron-to-hf" "$@"
 mp_flag --load LOAD
 mp_flag --save SAVE
 mp_flag --dtype DTYPE
+mp_check_env
 exec "$PYTHON" -m megatron_prune convert megatron-to-hf ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -29,4 +29,6 @@ mp_flag --json-key JSON_KEY
 mp_flag --workers WORKERS
 mp_switch split-sentences SPLIT_SENTENCES
 mp_switch append-eod APPEND_EOD 1
+mp_vars NLTK_DATA
+mp_check_env
 exec "$PYTHON" -m megatron_prune preprocess ${MP_FLAGS[@]+"${MP_FLAGS[@]}"} "$@"

@@ -121,15 +121,20 @@ def megatron_to_hf(load: str | Path, save: str | Path, dtype: str | None = None,
     check_free_space(Path(save).parent, shape.num_params() * DTYPE_BYTES[shape.dtype], save)
     stages = ck.read_stages()
 
+    # one bar over the HF tensors written (reading the rank files is a small part of the time): it ends at its total
+    bar = tqdm(total=len(hf_expected_keys(meta.shape.num_layers, meta.shape.tie_word_embeddings)), desc="export",
+               unit="tensor", disable=not progress)
+
     def tensors():
-        for pp_rank in tqdm(range(stages.pp), desc="stages", disable=not progress or stages.pp == 1, leave=False):
+        for pp_rank in range(stages.pp):
             sds = stages.models(pp_rank)
             for key, t in megatron_to_hf_stage(sds, meta.shape, stages.pp, pp_rank, torch_dtype(shape.dtype)):
                 if not allow_non_finite and not is_finite(t):
                     _raise_non_finite_mg(ck, stages.pp, pp_rank, sds, key, shape.dtype)
                 yield key, t
+                bar.update()
 
-    with atomic_dir(save, overwrite) as tmp:
+    with bar, atomic_dir(save, overwrite) as tmp:
         write_hf_checkpoint(tmp, config, tensors(), max_shard_bytes)
         copy_tokenizer_files(load, tmp)
     return meta

@@ -158,10 +158,16 @@ def write_tracker(root: Path, iteration: int | str) -> None:
     atomic_write_text(Path(root) / TRACKER, "release" if iteration == "release" else str(int(iteration)))
 
 
+def not_a_checkpoint(root: str | Path) -> CheckpointError:
+    """The error for a folder without a tracker: missing, or not (yet) a complete checkpoint."""
+    why = f"no tracker file {TRACKER}" if Path(root).is_dir() else "no such directory"
+    return CheckpointError(f"{root}: not a checkpoint ({why}); `convert hf-to-megatron` makes one from an HF model")
+
+
 def read_tracker(root: str | Path) -> int | str:
     path = Path(root) / TRACKER
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing tracker file (not a complete Megatron checkpoint?)")
+        raise not_a_checkpoint(root)
     text = path.read_text().strip()
     if text == "release":
         return "release"

@@ -14,6 +14,7 @@ layernorm_epsilon is `--norm-epsilon`, add_bias_linear False is `--disable-bias-
 from __future__ import annotations
 
 import shlex
+import struct
 from pathlib import Path
 
 import torch
@@ -46,6 +47,14 @@ def _rotary_base(theta: float, root: Path) -> str:
     return str(int(theta))
 
 
+def _float32_text(x: float) -> str:
+    """The shortest decimal that is the same float32 as `x`: a checkpoint's float32 epsilon (9.999999747378752e-06)
+    prints as the 1e-05 its config said; both sides compute the norm in float32."""
+    as32 = struct.unpack("f", struct.pack("f", float(x)))[0]
+    return next(t for t in (f"{float(x):.{p}g}" for p in range(1, 18))
+                if struct.unpack("f", struct.pack("f", float(t)))[0] == as32)
+
+
 def pretrain_gpt_flags(load: str | Path, tokenizer: str | Path | None = None) -> tuple[list[list[str]], list[str]]:
     """([[flag, value...], ...], notes) for Megatron-LM's pretrain_gpt.py to load `load` exactly; the notes say
     what Megatron-LM cannot take over from it, and why."""
@@ -76,7 +85,7 @@ def pretrain_gpt_flags(load: str | Path, tokenizer: str | Path | None = None) ->
               ["--rotary-percent", "1.0"]]
     if s.rope_scaling:
         flags += [["--use-rope-scaling"], ["--rope-scaling-factor", repr(float(s.rope_scaling.factor))]]
-    flags += [["--normalization", "RMSNorm"], ["--norm-epsilon", repr(float(s.norm_eps))], ["--swiglu"],
+    flags += [["--normalization", "RMSNorm"], ["--norm-epsilon", _float32_text(s.norm_eps)], ["--swiglu"],
               ["--disable-bias-linear"], ["--attention-dropout", "0.0"], ["--hidden-dropout", "0.0"]]
     if not s.tie_word_embeddings:
         flags.append(["--untie-embeddings-and-output-weights"])

@@ -44,10 +44,6 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 def run_entry(body: Callable[[], int]) -> int:
     """body() on this rank; then the process groups are torn down (after any report: a failing rank writes its
     note before its connections close, so peers that lose them know why)."""
-    import warnings
-
-    # megatron-core warns at import that TE/apex are absent (expected on CPU and with the local spec)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     stop_with_launcher()
     try:
         code = int(body() or 0)

@@ -36,6 +36,17 @@ def _read_meta(load: str):
     return meta
 
 
+def preflight(args, launch) -> int:
+    """In the launching process (cli/prelaunch.py): the checkpoint, the text and its tokenizer, and the process
+    count (a multiple of the checkpoint's TP x PP; extra ranks split the windows). Returns processes per node."""
+    from megatron_prune.checkpoint import megatron_io as mio
+    from megatron_prune.data.text import read_windows
+
+    meta = mio.read_meta(args.load)
+    read_windows(args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
+    return launch.processes(meta.tp * meta.pp, f"{args.load}'s tp x pp = {meta.tp} x {meta.pp}")
+
+
 def run(args) -> int:
     from megatron_prune.cli.dist_entry import run_entry
 

@@ -15,7 +15,9 @@ from megatron_prune.errors import InputError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files written by `train` (or their run directories)")
     p.add_argument("--out", default="loss.png", help="PNG to write (default: loss.png)")
-    p.add_argument("--labels", nargs="+", default=None, help="legend label per file (default: parent directory)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="legend label per file (default: its run directory, with as many parent folders as tell the "
+                        "runs apart: a/recovered and b/recovered)")
     p.add_argument("--title", default="loss vs tokens", help="figure title")
     p.add_argument("--logx", action="store_true", help="logarithmic token axis")
 
@@ -27,6 +29,18 @@ def _metrics_path(arg: str) -> Path:
     if not path.is_file():
         raise InputError(f"{path}: no such metrics file")
     return path
+
+
+def legend_labels(paths: list[Path]) -> list[str]:
+    """Each run's shortest path suffix that no other run shares: the run directory's name (or the file's stem when
+    it is not metrics.jsonl), with parent folders added only where two runs would read alike."""
+    runs = [(p.parent if p.name == "metrics.jsonl" else p.with_suffix("")).resolve().parts for p in paths]
+    labels = []
+    for i, parts in enumerate(runs):
+        others = [r for j, r in enumerate(runs) if j != i]
+        k = next((k for k in range(1, len(parts) + 1) if all(r[-k:] != parts[-k:] for r in others)), len(parts))
+        labels.append("/".join(parts[-k:]).lstrip("/") or "/")
+    return labels
 
 
 def series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -50,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_prune.train.metrics import read_metrics
 
     paths = [_metrics_path(m) for m in args.metrics]
-    labels = args.labels or [p.parent.name or str(p) for p in paths]
+    labels = args.labels or legend_labels(paths)
     if len(labels) != len(paths):
         raise InputError(f"{len(labels)} labels for {len(paths)} metrics files")
     plt = _pyplot()

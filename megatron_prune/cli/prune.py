@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
                    help="balance (default): every TP rank keeps the same counts, shards stay equal; global: the "
                         "best over all ranks, uneven shards (reshard before training)")
     p.add_argument("--importance", choices=IMPORTANCES, default=None,
-                   help="how units are scored (default: activation with a budget, else random): random; magnitude (weight norms, no data); "
+                   help="how units are scored (default: activation): random; magnitude (weight norms, no data); "
                         "activation (Minitron: activation norms on calibration text, layers by Block Influence); "
                         "taylor (|sum of weight x gradient| of the calibration loss per unit, layers by Block "
                         "Influence; backward passes, about 3x activation's cost)")
@@ -113,6 +113,9 @@ def build_config(args):
     if args.plan and any(v is not None for v in sizes):
         raise InputError("--plan re-applies a saved plan: do not also give target sizes or --drop-layers")
     budget = args.target_params is not None or args.target_memory_gb is not None
+    if not (budget or args.plan or any(v is not None for v in sizes)):
+        raise InputError("nothing to prune: give target sizes (--hidden-size-remain, ... --num-layers-remain, "
+                         "--drop-layers), a budget (--target-params, --target-memory-gb) or --plan (see --help)")
     if args.width_multiple < 1:
         raise InputError(f"--width-multiple must be a positive integer, got {args.width_multiple}")
     if budget and (args.plan or any(v is not None for v in sizes)):
@@ -133,8 +136,7 @@ def build_config(args):
                              drop_layers=layer_ids(args.drop_layers), mode=args.prune_type or "balance")
     calib = CalibConfig(data=args.calib_data, samples=args.calib_samples, seq_length=args.calib_seq_length,
                         micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
-    importance = args.importance or ("activation" if budget else "random")
-    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=importance,
+    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance or "activation",
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        allow_non_finite=args.allow_non_finite, search=search, ckpt_format=args.ckpt_format)
@@ -163,11 +165,11 @@ def _search(args) -> int:
     """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
     number of candidates. No processes, nothing written."""
     from megatron_prune.prune.display import format_table
-    from megatron_prune.prune.run import check, search_shapes
+    from megatron_prune.prune.run import search_shapes
 
     cfg = build_config(args)  # the same argument checks as a real run
     if args.check_only:  # everything a run checks (output, calibration data), then the count
-        prep = check(cfg, tp=args.tp)
+        prep = _check(cfg, args)
         _check_tp(args.tp, cfg.load, prep.meta.tp)
         print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
               f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
@@ -194,29 +196,64 @@ def _width_warning(cfg, width_multiple: int) -> str | None:
     return width_warning(width_multiple, hidden=t.hidden_size, ffn=t.ffn_hidden_size) if t is not None else None
 
 
+def one_process(args) -> bool:
+    """--check-only and a budget's --dry-run run in one process, without torchrun (cli/prelaunch.py)."""
+    return bool(args.check_only or args.dry_run)
+
+
+def preflight(args, launch) -> int:
+    """In the launching process (cli/prelaunch.py): everything --check-only checks, silently. Returns the
+    processes: one per TP rank of --load."""
+    _check_arguments(args)
+    cfg = build_config(args)
+    prep = _check(cfg, args)
+    _check_tp(args.tp, cfg.load, prep.meta.tp)
+    _check_does_something(cfg, prep.meta, prep.target)
+    if launch.nproc not in (None, prep.meta.tp):
+        raise InputError(f"{launch.name} {launch.nproc}, but {cfg.load} is a tp={prep.meta.tp} checkpoint: prune "
+                         f"runs one process per TP rank")
+    return prep.meta.tp
+
+
+def _check_arguments(args) -> None:
+    """Argument rules argparse cannot say."""
+    if args.save is None and not args.dry_run:  # --dry-run writes nothing; argparse cannot say "unless"
+        from megatron_prune.cli.common import name_env_flags
+
+        raise InputError(name_env_flags("the following arguments are required: --save") + " (see --help)")
+    _check_memory_flags(args)
+    if args.dry_run and args.target_params is None and args.target_memory_gb is None:
+        raise InputError("--dry-run goes with --target-params / --target-memory-gb (for given sizes use "
+                         "--check-only)")
+
+
+def _check_does_something(cfg, meta, target=None) -> None:
+    """Sizes that equal the source's (no layer dropped) would write a copy of it: refused."""
+    if cfg.target is None:
+        return
+    target = target or cfg.target.resolve(meta.shape, meta.tp)
+    if target == meta.shape:
+        raise InputError(f"nothing to prune: the target sizes equal {cfg.load}'s shape ({_shape_line(target)})")
+
+
 def _run(args, rank0: bool) -> int:
     import contextlib
 
+    from megatron_prune.checkpoint.megatron_io import read_meta
     from megatron_prune.cli.dist_entry import hold_output_lock
     from megatron_prune.config.shape import hf_config_warning
     from megatron_prune.model.agree import agree
     from megatron_prune.model.dist import init_process_group
     from megatron_prune.prune.run import prune_checkpoint
 
-    if args.save is None and not args.dry_run:  # --dry-run writes nothing; argparse cannot say "unless"
-        from megatron_prune.cli.common import name_env_flags
-
-        raise InputError(name_env_flags("the following arguments are required: --save") + " (see --help)")
-    _check_memory_flags(args)
+    _check_arguments(args)
     if (args.target_params is not None or args.target_memory_gb is not None) and (args.dry_run or args.check_only):
         return _search(args)
-    if args.dry_run:
-        raise InputError("--dry-run goes with --target-params / --target-memory-gb (for given sizes use "
-                         "--check-only)")
     if args.check_only:  # one process, no process group
-        return _check_only(build_config(args), args.tp, args.width_multiple)
+        return _check_only(build_config(args), args)
     init_process_group()
     cfg = agree(build_config, args)
+    agree(lambda: _check_does_something(cfg, read_meta(cfg.load)))
     with contextlib.ExitStack() as locks:
         agree(hold_output_lock, locks, cfg.save)
         result = prune_checkpoint(cfg)
@@ -241,20 +278,35 @@ def _run(args, rank0: bool) -> int:
     return 0
 
 
+def _check(cfg, args):
+    """prune.run.check, with a hint when the default importance (activation) finds no tokenizer for its
+    calibration text: the user never chose to calibrate."""
+    from megatron_prune.errors import UserError
+    from megatron_prune.prune.run import check
+
+    try:
+        return check(cfg, tp=args.tp)
+    except UserError as e:
+        if args.importance is None and "tokenizer" in str(e) and not args.tokenizer:
+            raise InputError(f"{e}; activation importance (the default) calibrates on text: give --tokenizer, or "
+                             f"--importance magnitude / random") from None
+        raise
+
+
 def _check_tp(tp: int | None, load: str, actual: int) -> None:
     if tp is not None and tp != actual:
         raise InputError(f"--tp {tp}, but {load} is a tp={actual} checkpoint: prune runs one process per TP rank "
                          f"of its input (reshard it first to change TP)")
 
 
-def _check_only(cfg, tp: int | None, width_multiple: int) -> int:
+def _check_only(cfg, args) -> int:
     from megatron_prune.config.shape import hf_config_warning
-    from megatron_prune.prune.run import check
 
-    prep = check(cfg, tp=tp)
-    _check_tp(tp, cfg.load, prep.meta.tp)
+    prep = _check(cfg, args)
+    _check_tp(args.tp, cfg.load, prep.meta.tp)
+    _check_does_something(cfg, prep.meta, prep.target)
     print(f"ok: {cfg.load} (tp={prep.meta.tp}) -> {_shape_line(prep.target)}")
-    for warning in (hf_config_warning(prep.target), _width_warning(cfg, width_multiple)):
+    for warning in (hf_config_warning(prep.target), _width_warning(cfg, args.width_multiple)):
         if warning:
             print(warning, file=sys.stderr)
     return 0

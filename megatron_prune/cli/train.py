@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 
-from megatron_prune.errors import UserError
+from megatron_prune.errors import InputError
 
 # option -> (help, extra aliases). Types and defaults come from TrainConfig.
 HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -77,6 +77,22 @@ def _type_of(field: dataclasses.Field):
     return int if t.startswith("int") else float if t.startswith("float") else str
 
 
+# Settings whose default is not the dataclass's: the checkpoint's parallel sizes, and CPU_DEFAULTS without CUDA.
+FROM_CHECKPOINT = ("tp", "pp")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    from megatron_prune.train.config import CPU_DEFAULTS
+
+    if f.name in FROM_CHECKPOINT:
+        return " (default: the --load checkpoint's)"
+    if f.default in (None, (), ""):
+        return ""
+    if f.name in CPU_DEFAULTS:
+        return f" (default: {f.default}; {CPU_DEFAULTS[f.name]} on a machine without CUDA)"
+    return f" (default: {f.default})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from megatron_prune.train.config import CKPT_FORMATS, LR_DECAY_STYLES, PRECISIONS, TrainConfig
 
@@ -84,8 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         text, aliases = HELP[f.name]
         flags = [f"--{f.name.replace('_', '-')}", *aliases]
-        default = "" if f.default in (None, ()) else f" (default: {f.default})"
-        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=text + default)
+        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=text + _default_text(f))
         if str(f.type) == "bool":
             p.add_argument(*flags, action="store_const", const=True, **kw)
         elif str(f.type).startswith("tuple"):
@@ -98,45 +113,94 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("bf16", "fp16", "fp32"):
         p.add_argument(f"--{name}", dest="precision", action="store_const", const=name, default=argparse.SUPPRESS,
                        help=f"same as --precision {name}")
+    p.add_argument("--no-save", action="store_true", help="train without --save: keep no checkpoint and no "
+                   "metrics.jsonl (a run without --save is refused unless this says it is meant)")
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    """--config file < explicit command-line options (TrainConfig's defaults fill in the rest)."""
+    """--config file < explicit command-line options (the defaults fill in the rest)."""
     from megatron_prune.train.config import read_config_file
 
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "no_save", "verbose")})
     return values
+
+
+def _defaults(values: dict) -> dict:
+    """The machine's defaults (CPU_DEFAULTS without CUDA) and the checkpoint's TP / PP when readable: a run on a
+    converted or pruned checkpoint needs no --tp. An unreadable --load is left to the run's own check."""
+    import torch
+
+    from megatron_prune.errors import UserError
+    from megatron_prune.train.checkpointing import find_resume_point
+    from megatron_prune.train.config import machine_defaults
+
+    out = machine_defaults(torch.cuda.is_available())
+    if values.get("load") and not all(k in values for k in FROM_CHECKPOINT):
+        try:
+            meta = find_resume_point(values["load"], values.get("save")).meta
+            out.update(tp=meta.tp, pp=meta.pp)
+        except (UserError, OSError):
+            pass
+    return out
 
 
 def build_config(args: argparse.Namespace):
     """TrainConfig from defaults < --config file < explicit command-line options."""
     from megatron_prune.train.config import TrainConfig
 
-    return TrainConfig.from_mapping(_settings(args), source=args.config or "arguments")
+    values = _settings(args)
+    cfg = TrainConfig.from_mapping({**_defaults(values), **values}, source=args.config or "arguments")
+    no_save = getattr(args, "no_save", False)
+    if cfg.save is None and not no_save:
+        raise InputError("--save is required: training checkpoints and metrics.jsonl go there (give --no-save to "
+                         "train and keep nothing)")
+    if cfg.save is not None and no_save:
+        raise InputError(f"--no-save, but --save {cfg.save} is given: drop one of them")
+    return cfg
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ValueError(message)
+def preflight(args: argparse.Namespace, launch) -> int:
+    """Everything a run checks before its first collective, in the launching process (cli/prelaunch.py): the
+    settings, the checkpoint to start from (and the teacher), the data, the tokenizer, and the process count
+    against TP x PP and the batch sizes. Returns the processes per node: `launch`'s, else the node's GPUs with
+    CUDA, else TP x PP (one data-parallel rank)."""
+    from megatron_prune.train.checkpointing import find_resume_point
+    from megatron_prune.train.data import check_data_paths
+
+    cfg = build_config(args)
+    point = find_resume_point(cfg.load, cfg.save)
+    nproc = launch.processes(cfg.tp * cfg.pp, f"--tp x --pp = {cfg.tp} x {cfg.pp}")
+    cfg.layout(nproc * launch.nnodes)
+    _check_checkpoint(point.meta, point.root, cfg)
+    if cfg.teacher_load:
+        from megatron_prune.checkpoint.megatron_io import read_meta
+
+        _check_checkpoint(read_meta(cfg.teacher_load), cfg.teacher_load, cfg)
+    check_data_paths(cfg)
+    _check_tokenizer(cfg, point.meta)
+    return nproc
 
 
-def default_nproc(argv: list[str]) -> int:
-    """Processes per node when scripts/train_recovery.sh gets no NPROC: the node's GPUs when CUDA is present,
-    else tp x pp from the arguments or --config (one data-parallel rank). Arguments that cannot be read give 1:
-    the training run itself then reports them in one line."""
-    import torch
+def _check_checkpoint(meta, root, cfg) -> None:
+    from types import SimpleNamespace
 
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    parser = _RaisingParser(add_help=False)
-    add_arguments(parser)
-    try:
-        values = _settings(parser.parse_known_args(argv)[0])
-        return max(1, int(values.get("tp", 1)) * int(values.get("pp", 1)))
-    except (ValueError, TypeError, OSError, UserError):
-        return 1
+    from megatron_prune.model.load import check_loadable
+
+    meta.shape.check_parallel(cfg.tp, cfg.pp)
+    check_loadable(meta, SimpleNamespace(tp=cfg.tp, pp=cfg.pp), root)
+
+
+def _check_tokenizer(cfg, meta) -> None:
+    from pathlib import Path
+
+    from megatron_prune.data.tokenizers import load_tokenizer
+
+    source = Path(cfg.tokenizer or cfg.load)
+    if load_tokenizer(source).vocab_size > meta.shape.vocab_size:
+        raise InputError(f"tokenizer {source} has more tokens than the model's {meta.shape.vocab_size} (pass the "
+                         f"model's own tokenizer with --tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:

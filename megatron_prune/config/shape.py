@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,19 +134,23 @@ class LlamaShape:
         """Raise ShapeError unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
         if tp < 1 or pp < 1:
             raise ShapeError(f"parallel sizes must be >= 1 (tp={tp}, pp={pp})")
-        h, g = self.num_attention_heads, self.num_query_groups
-        if h % tp:
-            raise ShapeError(f"heads {h} not divisible by TP {tp} (heads={h}, groups={g}, tp={tp})")
-        if g % tp:
-            raise ShapeError(f"query groups {g} not divisible by TP {tp} (heads={h}, groups={g}, tp={tp})")
-        if self.ffn_hidden_size % tp:
-            raise ShapeError(f"ffn_hidden_size {self.ffn_hidden_size} not divisible by TP {tp} "
-                             f"(ffn={self.ffn_hidden_size}, tp={tp})")
+        h, g, ffn = self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size
+        use = f"use TP {_either(self.tp_sizes(padded_vocab_size))}"
+        if h % tp or g % tp:
+            raise ShapeError(f"TP {tp} does not divide {h} heads / {g} query groups: {use}")
+        if ffn % tp:
+            raise ShapeError(f"TP {tp} does not divide the FFN size {ffn}: {use}")
         if padded_vocab_size is not None and padded_vocab_size % tp:
-            raise ShapeError(f"padded vocab {padded_vocab_size} not divisible by TP {tp} "
-                             f"(vocab={self.vocab_size}, padded={padded_vocab_size}, tp={tp})")
+            raise ShapeError(f"TP {tp} does not divide the padded vocabulary {padded_vocab_size} "
+                             f"(vocab {self.vocab_size}): {use}")
         if self.num_layers % pp:
-            raise ShapeError(f"layers {self.num_layers} not divisible by PP {pp} (layers={self.num_layers}, pp={pp})")
+            layers = self.num_layers
+            raise ShapeError(f"PP {pp} does not divide {layers} layers: use PP {_either(_divisors(layers))}")
+
+    def tp_sizes(self, padded_vocab_size: int | None = None) -> list[int]:
+        """Every TP size this shape splits over (heads, query groups, FFN and a given padded vocabulary)."""
+        return _divisors(math.gcd(self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size,
+                                  padded_vocab_size or 0))
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -325,3 +330,13 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
         raise ShapeError(f"{path}: not an HF config (a JSON {type(cfg).__name__}, not an object)")
     check_supported_features(cfg, path)
     return cfg
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _either(values: list[int]) -> str:
+    """[1, 3] -> '1 or 3'; [1, 2, 4] -> '1, 2 or 4'."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"

@@ -29,7 +29,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_prune.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true",
                    help="fewer evaluation tokens, calibration samples and training steps (a few minutes on 2 cores)")
     p.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",

@@ -62,7 +62,7 @@ def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path, impo
     return last_json(run_cli(
         ["prune", "--load", str(teacher), "--save", str(out), "--importance", importance, "--prune-type", "balance",
          "--seed", str(seed), *(calib_args if importance == "activation" else []),
-         *plan.target_args(dropped_layers), "--overwrite", "--no-progress", "--json"],
+         *plan.target_args(dropped_layers), "--width-multiple", "1", "--overwrite", "--no-progress", "--json"],
         nproc=plan.tp, log=log))
 
 

@@ -20,7 +20,8 @@ def check_loadable(meta: mio.CheckpointMeta, info: DistInfo, root: Path) -> None
                               f"run `python -m megatron_prune reshard` first")
     if (info.tp, info.pp) != (meta.tp, meta.pp):
         raise CheckpointError(f"{root}: checkpoint is tp={meta.tp}, pp={meta.pp} but the job runs tp={info.tp}, "
-                              f"pp={info.pp} (world={info.world_size}); reshard it or change --nproc-per-node")
+                              f"pp={info.pp}: run with --tp {meta.tp} --pp {meta.pp}, or reshard it "
+                              f"(`reshard --tp {info.tp} --pp {info.pp}`)")
 
 
 def load_model(root: str | Path, info: DistInfo, **opts):

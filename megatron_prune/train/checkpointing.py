@@ -87,8 +87,7 @@ def find_resume_point(load: str, save: str | None, tp: int | None = None, pp: in
         if (root / mio.TRACKER).is_file():
             ck = mio.open_checkpoint(root, tp, pp)
             return ResumePoint(root=root, iteration=ck.iteration, meta=ck.meta, format=ck.format)
-    raise CheckpointError(f"{load}: no checkpoint (missing {mio.TRACKER}); convert one with "
-                          f"`python -m megatron_prune convert hf-to-megatron`")
+    raise mio.not_a_checkpoint(load)
 
 
 # ---------------------------------------------------------------------------------------------- RNG

@@ -16,6 +16,13 @@ from megatron_prune.errors import UserError
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+# Where the machine has no CUDA device, the defaults that keep a first run short: the dataclass defaults are sized
+# for GPUs (a 2048-token sequence, 8 sequences per step and 10 evaluation batches in bf16 made "2 iterations" of a
+# 135M model run past 10 minutes on 2 CPU cores; fp32 is also faster than bf16 there). A CPU step is 4 x 256
+# tokens: about 0.4 TFLOP for a 64M model (6 x parameters x tokens). Applied by the CLI (cli/train.py) below the
+# user's settings, and stated in its --help.
+CPU_DEFAULTS: dict[str, Any] = {"seq_length": 256, "global_batch_size": 4, "eval_iters": 2, "precision": "fp32",
+                                "log_interval": 1}
 PRECISIONS = ("bf16", "fp16", "fp32")
 CKPT_FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values (checkpoint.megatron_io.FORMATS)
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -100,17 +107,19 @@ class TrainConfig:
         for name in ("tp", "pp", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
                      "max_bad_steps", "loss_scale_window", "hysteresis"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("save_interval", "keep_last", "exit_interval", "lr_warmup_iters", "eval_interval",
                      "eval_iters"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if (self.train_iters is None) == (self.train_tokens is None):
-            raise ConfigError(f"give exactly one of train_iters and train_tokens "
-                              f"(train_iters={self.train_iters}, train_tokens={self.train_tokens})")
+                raise ConfigError(f"{flag(name)} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.train_iters is None and self.train_tokens is None:
+            raise ConfigError("give --train-iters N (iterations) or --train-tokens N (tokens) to say how long to train")
+        if self.train_iters is not None and self.train_tokens is not None:
+            raise ConfigError(f"give one of --train-iters and --train-tokens, not both (--train-iters "
+                              f"{self.train_iters}, --train-tokens {self.train_tokens})")
         if (self.train_iters or self.train_tokens or 0) < 1:
-            raise ConfigError(f"train_iters / train_tokens must be positive "
-                              f"(train_iters={self.train_iters}, train_tokens={self.train_tokens})")
+            which = "--train-iters" if self.train_iters is not None else "--train-tokens"
+            raise ConfigError(f"{which} must be positive, got {self.train_iters or self.train_tokens}")
         self._validate_schedule()
         self._validate_misc()
         parse_blend(self.data_path)
@@ -120,33 +129,34 @@ class TrainConfig:
 
     def _validate_schedule(self) -> None:
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
+            raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
         if not 0.0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr (min_lr={self.min_lr}, lr={self.lr})")
+            raise ConfigError(f"need 0 <= --min-lr <= --lr (--min-lr {self.min_lr}, --lr {self.lr})")
         decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.iterations
         if self.lr_warmup_iters > decay:
-            raise ConfigError(f"lr_warmup_iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
-                              f"(lr_decay_iters={self.lr_decay_iters}, train iterations={self.iterations})")
+            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
+                              f"(--lr-decay-iters {self.lr_decay_iters}, training iterations {self.iterations})")
         if self.weight_decay < 0 or self.clip_grad < 0 or self.adam_eps <= 0:
-            raise ConfigError(f"need weight_decay >= 0, clip_grad >= 0, adam_eps > 0 (weight_decay="
-                              f"{self.weight_decay}, clip_grad={self.clip_grad}, adam_eps={self.adam_eps})")
+            raise ConfigError(f"need --weight-decay >= 0, --clip-grad >= 0, --adam-eps > 0 (--weight-decay "
+                              f"{self.weight_decay}, --clip-grad {self.clip_grad}, --adam-eps {self.adam_eps})")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError(f"adam betas must be in [0, 1) (beta1={self.adam_beta1}, beta2={self.adam_beta2})")
+            raise ConfigError(f"--adam-beta1 / --adam-beta2 must be in [0, 1) (--adam-beta1 {self.adam_beta1}, "
+                              f"--adam-beta2 {self.adam_beta2})")
 
     def _validate_misc(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.loss_scale is not None and self.loss_scale <= 0:
-            raise ConfigError(f"loss_scale must be positive, got {self.loss_scale}")
+            raise ConfigError(f"--loss-scale must be positive, got {self.loss_scale}")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
-            raise ConfigError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0 "
-                              f"(kd_alpha={self.kd_alpha}, kd_temperature={self.kd_temperature})")
+            raise ConfigError(f"need 0 <= --kd-alpha <= 1 and --kd-temperature > 0 "
+                              f"(--kd-alpha {self.kd_alpha}, --kd-temperature {self.kd_temperature})")
         if self.ckpt_format not in CKPT_FORMATS:
-            raise ConfigError(f"ckpt_format {self.ckpt_format!r} is not one of {', '.join(CKPT_FORMATS)}")
+            raise ConfigError(f"--ckpt-format {self.ckpt_format!r} is not one of {', '.join(CKPT_FORMATS)}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
+            raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
         if self.save is None and (self.save_interval or self.exit_interval):
-            raise ConfigError(f"save_interval={self.save_interval} / exit_interval={self.exit_interval} "
+            raise ConfigError(f"--save-interval {self.save_interval} / --exit-interval {self.exit_interval} "
                               f"need --save")
         if self.save is not None:
             self._check_save_paths()
@@ -184,14 +194,15 @@ class TrainConfig:
         """Data-parallel size and micro-batches per step for a job of `world_size` ranks."""
         mp = self.tp * self.pp
         if world_size % mp:
-            raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp}")
+            raise ConfigError(f"world size {world_size} is not divisible by --tp x --pp = {self.tp} x {self.pp}")
         dp = world_size // mp
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(
-                f"global batch {self.global_batch_size} is not divisible by micro batch {self.micro_batch_size} "
-                f"x data-parallel {dp} (world {world_size} = tp {self.tp} x pp {self.pp} x dp {dp})")
+                f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
+                f"{self.micro_batch_size} x data-parallel {dp} (world {world_size} = --tp {self.tp} x --pp {self.pp} "
+                f"x dp {dp})")
         if self.sequence_parallel and self.tp > 1 and self.seq_length % self.tp:
-            raise ConfigError(f"sequence parallel needs seq_length {self.seq_length} divisible by tp {self.tp}")
+            raise ConfigError(f"--sequence-parallel needs --seq-length {self.seq_length} divisible by --tp {self.tp}")
         return BatchLayout(dp=dp, num_microbatches=self.global_batch_size // (self.micro_batch_size * dp))
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -212,6 +223,16 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
         return cls(**norm)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: seq_length -> --seq-length."""
+    return "--" + name.replace("_", "-")
+
+
+def machine_defaults(has_cuda: bool) -> dict[str, Any]:
+    """Defaults that depend on the machine (CPU_DEFAULTS without CUDA), to be overridden by the user's settings."""
+    return {} if has_cuda else dict(CPU_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -256,9 +277,9 @@ def parse_split(split: str) -> list[float]:
     try:
         parts = [float(x) for x in str(split).replace("/", ",").split(",")]
     except ValueError:
-        raise ConfigError(f"split {split!r}: expected comma-separated numbers like '969,30,1'") from None
+        raise ConfigError(f"--split {split!r}: expected comma-separated numbers like '969,30,1'") from None
     if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
-        raise ConfigError(f"split {split!r}: expected up to 3 non-negative weights with a positive train share")
+        raise ConfigError(f"--split {split!r}: expected up to 3 non-negative weights with a positive train share")
     return parts + [0.0] * (3 - len(parts))
 
 

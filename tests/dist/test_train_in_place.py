@@ -20,8 +20,8 @@ pytestmark = pytest.mark.dist
 
 
 def train_cli(ckpt: Path, data: str, iters: int, *extra: str) -> subprocess.CompletedProcess:
-    """The user's command, default precision (bf16), one process."""
-    args = ["--load", str(ckpt), "--save", str(ckpt), "--data-path", data, "--split", "98,2,0",
+    """The user's command in bf16 (the GPU default; CPU's is fp32), one process."""
+    args = ["--load", str(ckpt), "--save", str(ckpt), "--data-path", data, "--split", "98,2,0", "--bf16",
             "--micro-batch-size", "2", "--global-batch-size", str(GBS), "--seq-length", str(SEQ),
             "--train-iters", str(iters), "--lr", "3e-3", "--eval-iters", "0", "--log-interval", "1", *extra]
     return subprocess.run([sys.executable, "-m", "megatron_prune", "train", *args], capture_output=True, text=True,

@@ -148,7 +148,8 @@ def test_missing_config_json(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("tp,msg", [(3, "heads 8 not divisible by TP 3"), (4, "query groups 2 not divisible by TP 4")])
+@pytest.mark.parametrize("tp,msg", [(3, "TP 3 does not divide 8 heads / 2 query groups: use TP 1 or 2"),
+                                    (4, "TP 4 does not divide 8 heads / 2 query groups: use TP 1 or 2")])
 def test_heads_or_groups_not_divisible(tmp_path, capsys, tp, msg):
     make_hf_model(tmp_path / "hf", **VARIANTS["gqa"])
     rc, err = run_cli(capsys, "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "out"), "--tp", str(tp))

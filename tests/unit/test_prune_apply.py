@@ -197,7 +197,8 @@ def test_cli_check_only_prints_the_target_and_writes_nothing(cli_ckpt, capsys):
     from megatron_prune.__main__ import main
 
     rc = main(["prune", "--load", str(cli_ckpt / "tp2"), "--save", str(cli_ckpt / "out"), "--check-only",
-               "--ffn-hidden-size-remain", "63", "--prune-type", "global", "--drop-layers", "0"])
+               "--ffn-hidden-size-remain", "63", "--prune-type", "global", "--drop-layers", "0",
+               "--importance", "random"])
     assert rc == 0 and "layers=3 hidden=64 heads=8/4 ffn=63" in capsys.readouterr().out
     assert not (cli_ckpt / "out").exists()
 
@@ -208,7 +209,7 @@ def test_cli_warns_when_transformers_5_cannot_load_the_export(cli_ckpt, capsys):
     from megatron_prune.__main__ import main
 
     rc = main(["prune", "--load", str(cli_ckpt / "tp2"), "--save", str(cli_ckpt / "out"), "--check-only",
-               "--hidden-size-remain", "60"])
+               "--hidden-size-remain", "60", "--importance", "random"])
     assert rc == 0 and "hidden 60 is not a multiple of heads 8" in capsys.readouterr().err
     if int(transformers.__version__.split(".")[0]) >= 5:  # the reason for the warning
         with pytest.raises(Exception, match="not a multiple"):

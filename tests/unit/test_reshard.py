@@ -275,9 +275,9 @@ def test_shard_inconsistent_with_shape(converted, tmp_path, capsys):
     assert "groups=4" in err
 
 
-@pytest.mark.parametrize("tp,pp,msg", [(3, 1, "heads 8 not divisible by TP 3 (heads=8, groups=4, tp=3)"),
-                                       (8, 1, "query groups 4 not divisible by TP 8 (heads=8, groups=4, tp=8)"),
-                                       (1, 3, "layers 4 not divisible by PP 3 (layers=4, pp=3)")])
+@pytest.mark.parametrize("tp,pp,msg", [(3, 1, "TP 3 does not divide 8 heads / 4 query groups: use TP 1, 2 or 4"),
+                                       (8, 1, "TP 8 does not divide 8 heads / 4 query groups: use TP 1, 2 or 4"),
+                                       (1, 3, "PP 3 does not divide 4 layers: use PP 1, 2 or 4")])
 def test_target_layout_must_divide_the_shape(converted, tmp_path, capsys, tp, pp, msg):
     err = run_cli(capsys, converted / "tp2pp1", tmp_path / "out", "--tp", str(tp), "--pp", str(pp))
     assert f"cannot reshard to tp={tp}, pp={pp}: {msg}" in err

@@ -34,9 +34,9 @@ def test_mha_default_groups_and_head_dim():
 
 
 @pytest.mark.parametrize("tp,pp,msg", [
-    (3, 1, "heads 8 not divisible by TP 3 (heads=8, groups=2, tp=3)"),
-    (4, 1, "query groups 2 not divisible by TP 4 (heads=8, groups=2, tp=4)"),
-    (1, 3, "layers 4 not divisible by PP 3 (layers=4, pp=3)"),
+    (3, 1, "TP 3 does not divide 8 heads / 2 query groups: use TP 1 or 2"),
+    (4, 1, "TP 4 does not divide 8 heads / 2 query groups: use TP 1 or 2"),
+    (1, 3, "PP 3 does not divide 4 layers: use PP 1, 2 or 4"),
 ])
 def test_parallel_errors_name_every_factor(tp, pp, msg):
     shape = LlamaShape.from_hf_config(BASE)

@@ -33,14 +33,14 @@ def test_defaults_and_derived_values():
 @pytest.mark.parametrize("kw,match", [
     (dict(load=""), "--load is required"),
     (dict(data_path=[]), "--data-path is required"),
-    (dict(train_iters=None), "exactly one of train_iters and train_tokens"),
-    (dict(train_tokens=100), r"train_iters=10, train_tokens=100"),
-    (dict(min_lr=1.0, lr=0.1), r"min_lr=1.0, lr=0.1"),
+    (dict(train_iters=None), r"give --train-iters N \(iterations\) or --train-tokens N"),
+    (dict(train_tokens=100), r"not both \(--train-iters 10, --train-tokens 100\)"),
+    (dict(min_lr=1.0, lr=0.1), r"--min-lr 1.0, --lr 0.1"),
     (dict(lr_decay_style="step"), "not one of cosine, linear, constant"),
-    (dict(lr_warmup_iters=11), r"lr_warmup_iters 11 exceeds the decay iterations 10"),
+    (dict(lr_warmup_iters=11), r"--lr-warmup-iters 11 exceeds the decay iterations 10"),
     (dict(precision="fp8"), "not one of bf16, fp16, fp32"),
-    (dict(kd_alpha=1.5), "kd_alpha=1.5"),
-    (dict(micro_batch_size=0), "micro_batch_size must be a positive integer"),
+    (dict(kd_alpha=1.5), "--kd-alpha 1.5"),
+    (dict(micro_batch_size=0), "--micro-batch-size must be a positive integer"),
     (dict(save_interval=5), "need --save"),
     (dict(data_path=["0.5", "a", "b"]), "weight/prefix pairs"),
     (dict(split="a,b"), "comma-separated numbers"),
@@ -52,9 +52,10 @@ def test_invalid_settings_name_every_factor(kw, match):
 
 def test_layout_divisibility_message_lists_all_factors():
     c = cfg(tp=2, micro_batch_size=3, global_batch_size=8)
-    with pytest.raises(ConfigError, match=r"global batch 8 .* micro batch 3 x data-parallel 2 \(world 4 = tp 2 x pp 1 x dp 2\)"):
+    with pytest.raises(ConfigError, match=r"--global-batch-size 8 .* --micro-batch-size 3 x data-parallel 2 "
+                                          r"\(world 4 = --tp 2 x --pp 1 x dp 2\)"):
         c.layout(4)
-    with pytest.raises(ConfigError, match="world size 3 is not divisible by tp x pp = 2 x 1"):
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by --tp x --pp = 2 x 1"):
         c.layout(3)
     good = cfg(tp=2, micro_batch_size=2, global_batch_size=8).layout(4)
     assert (good.dp, good.num_microbatches) == (2, 2)
@@ -94,16 +95,17 @@ def test_cli_overrides_config_file(tmp_path):
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.02", "--tensor-model-parallel-size", "4",
-                         "--fp16", "--data-path", "0.4", "x", "0.6", "y", "--sequence-parallel"])
+                         "--fp16", "--data-path", "0.4", "x", "0.6", "y", "--sequence-parallel", "--no-save"])
     c = cli.build_config(args)
     assert (c.lr, c.tp, c.precision, c.train_iters, c.sequence_parallel) == (0.02, 4, "fp16", 5, True)
     assert c.data_path == ("0.4", "x", "0.6", "y")
-    assert cli.build_config(p.parse_args(["--load", "a", "--data-path", "d", "--train-iters", "3"])).lr == 1e-4
+    assert cli.build_config(p.parse_args(["--load", "a", "--data-path", "d", "--train-iters", "3",
+                                          "--save", str(tmp_path / "s")])).lr == 1e-4
 
 
 def test_cli_user_error_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megatron_prune", "train", "--load", str(tmp_path), "--data-path",
-                          str(tmp_path / "none"), "--train-iters", "2"], capture_output=True, text=True, timeout=120,
+                          str(tmp_path / "none"), "--train-iters", "2", "--no-save"], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 2
     # torch's own glog-style log lines (e.g. "W1202 05:40:19.92 ... No CUDA runtime is found" from a CUDA build of
