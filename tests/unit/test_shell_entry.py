@@ -412,7 +412,7 @@ def test_outside_the_venv_every_entry_says_how_to_run_it(tmp_path):
                 f"error: PYTHON={python} cannot import torch")
 
 
-def test_ckpt_format_variable(ckpt_tp2, hf, tmp_path):
+def test_ckpt_format_variable(ckpt_tp2, hf, data, tmp_path):
     """CKPT_FORMAT= like every other variable: transfer.sh writes torch_dist from it, a flag wins over it, and
     train_recovery.sh passes it to `train`."""
     from megatron_prune.checkpoint import megatron_io as mio
@@ -423,6 +423,6 @@ def test_ckpt_format_variable(ckpt_tp2, hf, tmp_path):
     run("tools/hf_to_megatron.sh", "--hf-dir", hf, "--save", tmp_path / "legacy", "--ckpt-format", "torch",
         "--no-progress", CKPT_FORMAT="torch_dist")
     assert mio.checkpoint_format(tmp_path / "legacy") == "torch"
-    dry = run("scripts/train_recovery.sh", "--load", tmp_path / "dist", "--tp", "1", DRY_RUN=1, NPROC=1,
-              CKPT_FORMAT="torch_dist")
+    dry = run("scripts/train_recovery.sh", "--load", tmp_path / "dist", "--tp", "1", "--data-path", data,
+              "--train-iters", "1", "--no-save", DRY_RUN=1, NPROC=1, CKPT_FORMAT="torch_dist")
     assert "train --ckpt-format torch_dist --load" in dry.stdout
