@@ -37,24 +37,30 @@ def micro_batches(windows: torch.Tensor, micro_batch_size: int) -> list[torch.Te
     return [windows[i:i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
 
 
-def mask_padded_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Set logits of padded vocab entries (global index >= true_vocab) to the dtype's minimum on this TP rank."""
+def mask_padded_vocab_(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Set logits of padded vocab entries (global index >= true_vocab) to the dtype's minimum on this TP rank,
+    in place: pass a tensor you own (token_losses passes its private copy)."""
     from megatron.core import parallel_state as ps
 
     v_local, rank = logits.shape[-1], ps.get_tensor_model_parallel_rank()
     if layout.block_range(v_local, rank).stop <= true_vocab:
         return logits
     keep = layout.vocab_keep_mask(v_local, rank, true_vocab, logits.device)
-    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+    return logits.masked_fill_(~keep, torch.finfo(logits.dtype).min)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp], in fp32."""
+    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp], in fp32. `logits` is left as it
+    was: callers read it again (distillation, forward_batches' keep_logits)."""
     from megatron.core import tensor_parallel
 
-    logits = mask_padded_vocab(logits.float(), true_vocab)
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
-                                                        labels.transpose(0, 1).contiguous()).transpose(0, 1)
+    # megatron-core's vocab_parallel_cross_entropy overwrites its input (-= max, exp(out=), div_) to save memory.
+    # Hand it a private fp32 [s, b, v/tp] copy, always made here: .float(), .transpose().contiguous() and the
+    # padding mask are each a no-op (the caller's own storage) for fp32 logits at micro-batch 1 on a rank
+    # without padded columns (issue 21). One copy in every case, the same count bf16 / micro-batch > 1 made.
+    private = logits.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    private = mask_padded_vocab_(private, true_vocab)
+    return tensor_parallel.vocab_parallel_cross_entropy(private, labels.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
 def gather_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
