@@ -32,7 +32,9 @@
 #   --width-multiple              WIDTH_MULTIPLE              hidden / FFN widths are multiples of this [128]
 #   --max-depth-drop              MAX_DEPTH_DROP              at most this fraction of layers dropped [0.5]
 #   --max-width-drop              MAX_WIDTH_DROP              at most this fraction of each width removed [0.5]
-#   --search-candidates           SEARCH_CANDIDATES           candidate shapes to keep               [8]
+#   --search-candidates           SEARCH_CANDIDATES           shapes evaluated by loss (the importance proxy's best) [8]
+#   --[no-]megatron-only-shapes   MEGATRON_ONLY_SHAPES=1|0    also shapes transformers >= 5 cannot load
+#                                                             (hidden % heads != 0; megatron-core runs them) [0]
 #   --[no-]dry-run                DRY_RUN=1|0                 list the candidates and stop: one process, no
 #                                                             torchrun, nothing written (--save not needed) [0]
 #                                 OMP_NUM_THREADS             CPU threads per process                [1]
@@ -77,6 +79,7 @@ mp_flag --width-multiple WIDTH_MULTIPLE
 mp_flag --max-depth-drop MAX_DEPTH_DROP
 mp_flag --max-width-drop MAX_WIDTH_DROP
 mp_flag --search-candidates SEARCH_CANDIDATES
+mp_switch megatron-only-shapes MEGATRON_ONLY_SHAPES
 mp_switch dry-run DRY_RUN
 mp_vars OMP_NUM_THREADS
 mp_check_env

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from megatron_prune.cli.common import add_dtype
 
 
@@ -18,10 +20,14 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from megatron_prune.checkpoint.convert_files import megatron_to_hf
+    from megatron_prune.config.shape import hf_config_warning
 
     meta = megatron_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
                           progress=not args.no_progress, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
                           allow_non_finite=args.allow_non_finite)
     print(f"wrote {args.save}: HF LlamaForCausalLM, {meta.shape.num_params():,} parameters, "
           f"from tp={meta.tp} pp={meta.pp}")
+    warning = hf_config_warning(meta.shape)  # a --megatron-only-shapes pick: correct files, one loader refuses them
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

@@ -90,7 +90,12 @@ def _add_budget_arguments(p) -> None:
                    help=f"at most this fraction of hidden, heads per group and FFN removed (default "
                         f"{d.max_width_drop})")
     b.add_argument("--search-candidates", type=int, default=d.candidates,
-                   help=f"how many of the shapes closest to the budget to try (default {d.candidates})")
+                   help=f"how many shapes to evaluate by their loss: the maximal shapes of the budget window (no "
+                        f"layer, head or width step up fits) ranked by an importance proxy from the calibration "
+                        f"pass, the best this many (default {d.candidates})")
+    b.add_argument("--megatron-only-shapes", action=argparse.BooleanOptionalAction, default=False,
+                   help="also search shapes only megatron-core runs: hidden not a multiple of the heads, which "
+                        "transformers >= 5 refuses to load (default: only shapes HF transformers loads)")
     b.add_argument("--search-eval-samples", type=int, default=16,
                    help="calibration windows held apart (never used for scores) on which every candidate's "
                         "loss is measured (default 16)")
@@ -146,7 +151,8 @@ def _limits(args):
     from megatron_prune.prune.search_space import SearchLimits
 
     return SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
-                        max_width_drop=args.max_width_drop, candidates=args.search_candidates)
+                        max_width_drop=args.max_width_drop, candidates=args.search_candidates,
+                        megatron_only_shapes=args.megatron_only_shapes)
 
 
 def _shape_line(s) -> str:
@@ -162,8 +168,8 @@ def run(args) -> int:
 
 
 def _search(args) -> int:
-    """A budget with --dry-run: the candidate shapes as a table; with --check-only: the budget checked and the
-    number of candidates. No processes, nothing written."""
+    """A budget with --dry-run: the search space and its maximal shapes as a table; with --check-only: the budget
+    checked and the shapes counted. No processes, nothing written."""
     from megatron_prune.prune.display import format_table
     from megatron_prune.prune.run import search_shapes
 
@@ -172,14 +178,19 @@ def _search(args) -> int:
         prep = _check(cfg, args)
         _check_tp(args.tp, cfg.load, prep.meta.tp)
         print(f"ok: {args.load} (tp={prep.meta.tp}, {prep.meta.shape.num_params():,} params) -> budget "
-              f"{prep.budget.describe()}: {len(prep.candidates)} candidate shapes (balance mode, width multiple "
-              f"{cfg.search.limits.width_multiple})")
+              f"{prep.space.budget.describe()}\n{prep.space.describe()}\n{_evaluated(prep.space)}")
         return 0
-    meta, budget, cands = search_shapes(args.load, cfg.search, tp=args.tp)
-    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {budget.describe()}: "
-          f"{len(cands)} candidate shapes (balance mode, width multiple {cfg.search.limits.width_multiple})")
-    print(format_table(cands))
+    meta, space = search_shapes(args.load, cfg.search, tp=args.tp)
+    print(f"{args.load} (tp={meta.tp}, {meta.shape.num_params():,} params) -> budget {space.budget.describe()}\n"
+          f"{space.describe()}\n{_evaluated(space)}")
+    print(format_table(space))
     return 0
+
+
+def _evaluated(space) -> str:
+    k = min(space.limits.candidates, len(space.shapes))
+    return (f"a run evaluates {k} of them by loss (--search-candidates): the {k} with the lowest damage estimate "
+            f"of the importance proxy, from the calibration pass (random importance: the {k} closest to the budget)")
 
 
 def _check_memory_flags(args) -> None:
@@ -263,9 +274,7 @@ def _run(args, rank0: bool) -> int:
                 print(warning, file=sys.stderr)
         gib = max(result.peak_rss) / 2**30
         if result.search:
-            print(f"budget {result.search.budget.describe()}: {len(result.search.candidates)} candidates, held-out "
-                  f"loss ({result.search.held_out['tokens']} tokens) after pruning"
-                  + (f" and {result.search.kd_iters} distillation steps" if result.search.kd_iters else ""))
+            print(result.search.header())
             print(result.search.table())
         print(f"wrote {cfg.save}: {result.plan.summary()}; {result.seconds['total']:.1f} s, "
               f"peak RSS {gib:.2f} GiB/rank")

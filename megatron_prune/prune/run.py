@@ -2,7 +2,7 @@
 
     check(cfg)             every user error, in one process, before any work (the CLI's --check-only): the
                            checkpoint, the target / plan / budget, the calibration windows, the output
-    search_shapes(...)     `--target-params` / `--target-memory-gb`: candidate shapes for a budget, in one process
+    search_shapes(...)     `--target-params` / `--target-memory-gb`: the search space of a budget, in one process
     prune_checkpoint(cfg)  on every rank: load the shard (mmap), make or read the plan (scoring.plan_for, or the
                            budget search: search_run), check that every rank holds the same plan, apply it, write
                            (model.dist_write: each rank its file into a temp dir, rank 0 plan + meta + tracker
@@ -32,14 +32,13 @@ from megatron_prune.model.agree import agree, check_identical
 from megatron_prune.model.dist import init_process_group
 from megatron_prune.model.dist_write import PageDropper, write_distributed
 from megatron_prune.prune.apply import apply_rank, pruned_meta, target_shape
-from megatron_prune.prune.budget import Budget
 from megatron_prune.prune.calib import Calibration, read_calibration
 from megatron_prune.prune.config import PruneConfig, SearchConfig
 from megatron_prune.prune.plan import PlanError, PrunePlan
 from megatron_prune.prune.scoring import MODEL_METHODS, plan_for, scoring_model
 from megatron_prune.prune.search_run import (SEARCH_FILE, SearchReport, check_search_importance, find_candidates,
                                              search_plan, search_windows)
-from megatron_prune.prune.search_space import Candidate
+from megatron_prune.prune.search_space import Space
 
 PLAN_FILE = "prune_plan.json"
 
@@ -50,8 +49,7 @@ class Prepared:
     iteration: int | str
     target: LlamaShape
     plan: PrunePlan | None
-    candidates: tuple[Candidate, ...] = ()   # the budget search's shapes (cfg.search)
-    budget: Budget | None = None
+    space: Space | None = None               # the budget search's shapes (cfg.search)
     calibration: Calibration | None = None   # the scoring windows (activation / taylor, or any budget search)
     held_out: Calibration | None = None      # the budget search's held-out windows
 
@@ -80,11 +78,11 @@ def check_input(load: str | Path, tp: int | None = None) -> tuple[mio.Checkpoint
 
 
 def search_shapes(load: str | Path, search: SearchConfig, tp: int | None = None
-                  ) -> tuple[mio.CheckpointMeta, Budget, list[Candidate]]:
-    """(meta, budget, candidate shapes) of a budget (the KV cache's seq_length defaults to the model's
+                  ) -> tuple[mio.CheckpointMeta, Space]:
+    """(meta, search space) of a budget (the KV cache's seq_length defaults to the model's
     max_position_embeddings), single process, no tensors read: the CLI's --dry-run."""
     meta, _ = check_input(load, tp)
-    return (meta, *find_candidates(meta.shape, meta.tp, load, search))
+    return meta, find_candidates(meta.shape, meta.tp, load, search)
 
 
 def check(cfg: PruneConfig, tp: int | None = None) -> Prepared:
@@ -92,16 +90,16 @@ def check(cfg: PruneConfig, tp: int | None = None) -> Prepared:
     job's TP size (a torch_dist checkpoint is read at it)."""
     meta, iteration = check_input(cfg.load, tp)
     check_output_dir(cfg.save, cfg.overwrite, inputs=cfg.inputs())
-    plan, candidates, budget, calibration, held_out = None, (), None, None, None
+    plan, space, calibration, held_out = None, None, None, None
     if cfg.plan:
         plan = PrunePlan.load(cfg.plan)
         plan.check_source(meta.shape)
         plan.check_tp(meta.tp, cfg.mode)
         target = target_shape(plan, meta.shape)
     elif cfg.search:
-        budget, found = find_candidates(meta.shape, meta.tp, Path(cfg.load), cfg.search)
-        candidates, target = tuple(found), max(found, key=lambda c: c.params).shape  # free space for any
-        check_search_importance(cfg.importance, meta.shape, candidates)
+        space = find_candidates(meta.shape, meta.tp, Path(cfg.load), cfg.search)
+        target = max(space.shapes, key=lambda c: c.params).shape  # free space for any
+        check_search_importance(cfg.importance, meta.shape, space.shapes)
         calibration, held_out = search_windows(cfg, meta.shape.vocab_size)
     else:
         target = cfg.target.resolve(meta.shape, meta.tp)
@@ -112,7 +110,7 @@ def check(cfg: PruneConfig, tp: int | None = None) -> Prepared:
         if cfg.importance in MODEL_METHODS:
             calibration = read_calibration(cfg.calib, cfg.load, meta.shape.vocab_size, cfg.calib.samples)
     check_free_space(Path(cfg.save).parent, target.num_params() * DTYPE_BYTES[target.dtype], cfg.save)
-    return Prepared(meta=meta, iteration=iteration, target=target, plan=plan, candidates=candidates, budget=budget,
+    return Prepared(meta=meta, iteration=iteration, target=target, plan=plan, space=space,
                     calibration=calibration, held_out=held_out)
 
 
@@ -136,7 +134,7 @@ def prune_checkpoint(cfg: PruneConfig) -> PruneResult:
     t0 = time.perf_counter() - (prep.calibration.seconds if prep.calibration else 0.0)  # read in the check
     report = None
     if cfg.search:  # before the shard is mapped below: the search holds its own loaded copy of it
-        plan, report = search_plan(cfg, meta, list(prep.candidates), prep.budget, prep.calibration, prep.held_out)
+        plan, report = search_plan(cfg, meta, prep.space, prep.calibration, prep.held_out)
     state = agree(mio.load_rank, cfg.load, rank, 0, meta, prep.iteration)  # this rank's own file (mmap)
     if not cfg.search:
         plan = prep.plan or plan_from_target(cfg, prep, state["model"])

@@ -4,6 +4,9 @@ prune (one target) and by the budget search (one target per candidate shape, all
     with scoring_model(method, load, tp, seq_length, seed) as model:     # None for data-free methods
         plan, = plan_for(method, shape, [target], tp, seed, shard=shard, model=model, calib=calib)
 
+    scores = compute_scores(method, shape, model=model, calib=calib)     # the budget search: score once,
+    plans = plans_from_scores(method, scores, shape, targets, tp, seed, calib)   # rank shapes, plan the best
+
 random      seeded draws, the same plan at every TP size (random_plan); nothing loaded.
 magnitude   weight norms of this rank's shard (importance.magnitude_scores); no calibration data.
 activation  activation norms and Block Influence over calibration windows (importance.ActivationScorer).
@@ -85,8 +88,14 @@ def score_model(method: str, model, shape: LlamaShape, windows: torch.Tensor, mi
     return scorer.scores(ps.get_tensor_model_parallel_group())
 
 
-def _scores(method: str, src: LlamaShape, shard: dict | None, model, calib: Calibration | None,
-            micro_batch_size: int, progress: bool) -> Scores | None:
+def compute_scores(method: str, src: LlamaShape, shard: dict | None = None, model=None,
+                   calib: Calibration | None = None, micro_batch_size: int = 4, progress: bool = False
+                   ) -> Scores | None:
+    """The global Scores of `method` (identical on every TP rank), or None for random (it draws from its seed).
+    `shard`: this rank's checkpoint tensors (magnitude; else the loaded `model`'s); `model` + `calib`: activation /
+    taylor."""
+    if method not in IMPORTANCES:
+        raise ValueError(f"{method!r} is not one of {', '.join(IMPORTANCES)}")
     if method == "random":
         return None  # random_plan draws its own, from the seed
     if method == "magnitude":
@@ -100,16 +109,20 @@ def _scores(method: str, src: LlamaShape, shard: dict | None, model, calib: Cali
     return score_model(method, model, src, calib.windows, micro_batch_size, progress)
 
 
-def plan_for(method: str, src: LlamaShape, targets: Sequence[PruneTarget], tp: int, seed: int, *,
-             shard: dict | None = None, model=None, calib: Calibration | None = None, micro_batch_size: int = 4,
-             progress: bool = False) -> list[PrunePlan]:
-    """One plan per target, all from one scoring of the source by `method`. `shard`: this rank's checkpoint
-    tensors (magnitude; else the loaded `model`'s); `model` + `calib`: activation / taylor, whose plans record
-    the calibration fingerprint."""
-    if method not in IMPORTANCES:
-        raise ValueError(f"{method!r} is not one of {', '.join(IMPORTANCES)}")
-    scores = _scores(method, src, shard, model, calib, micro_batch_size, progress)
+def plans_from_scores(method: str, scores: Scores | None, src: LlamaShape, targets: Sequence[PruneTarget], tp: int,
+                      seed: int, calib: Calibration | None = None) -> list[PrunePlan]:
+    """One plan per target from one scoring (compute_scores); activation / taylor plans record the calibration
+    fingerprint."""
     if method == "random":
         return [random_plan(src, target, seed, tp) for target in targets]
     calibration = calib.fingerprint() if method in MODEL_METHODS else None
     return [make_plan(scores, src, target, tp, method, seed=seed, calibration=calibration) for target in targets]
+
+
+def plan_for(method: str, src: LlamaShape, targets: Sequence[PruneTarget], tp: int, seed: int, *,
+             shard: dict | None = None, model=None, calib: Calibration | None = None, micro_batch_size: int = 4,
+             progress: bool = False) -> list[PrunePlan]:
+    """One plan per target, all from one scoring of the source by `method` (compute_scores, then
+    plans_from_scores)."""
+    scores = compute_scores(method, src, shard, model, calib, micro_batch_size, progress)
+    return plans_from_scores(method, scores, src, targets, tp, seed, calib)

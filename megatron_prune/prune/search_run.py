@@ -1,14 +1,17 @@
 """Pruning to a budget, on every TP rank: score once, try the top candidate shapes in memory, keep the best.
 
-    budget, candidates = find_candidates(meta, load, cfg.search)         # in check(), one process is enough
+    space = find_candidates(meta.shape, meta.tp, load, cfg.search)       # in check(), one process is enough
     scoring, held_out = search_windows(cfg, vocab)                        # in check() too
-    plan, report = search_plan(cfg, meta, candidates, budget, scoring, held_out)   # on every rank
+    plan, report = search_plan(cfg, meta, space, scoring, held_out)      # on every rank
 
 1. The calibration windows are split: the first `--calib-samples` give the importance scores (one calibration
    pass for activation / Taylor; weights for magnitude; a seed for random), the last `--search-eval-samples` are
    held apart and only ever used to compare candidates.
-2. For each candidate shape (search_space.search: the shapes closest to the budget), the plan is made from the
-   same scores (scoring.plan_for) and applied in memory to this rank's shard of the loaded model
+2. The space's maximal shapes (search_space.find_space) are ranked by the importance proxy, computed from the
+   same scores (search_proxy.pick: a damage estimate from the share of each axis' importance a shape keeps); the
+   best `--search-candidates` are evaluated (random importance has no scores: the closest to the budget). For each,
+   the plan is made from the scores (scoring.plans_from_scores) and applied in memory to this rank's shard of the
+   loaded model
    (prune.apply.apply_rank, the very function that writes pruned checkpoints), loaded into a pruned GPTModel and
    evaluated on the held-out windows: mean next-token loss, exactly what `python -m megatron_prune eval` reports
    for the written checkpoint. No files.
@@ -44,8 +47,9 @@ from megatron_prune.prune.calib import Calibration, read_calibration
 from megatron_prune.prune.config import PruneConfig, SearchConfig
 from megatron_prune.prune.display import align_table
 from megatron_prune.prune.plan import PlanError, PrunePlan
-from megatron_prune.prune.scoring import loaded_model, model_shard, plan_for
-from megatron_prune.prune.search_space import Candidate, search
+from megatron_prune.prune.scoring import compute_scores, loaded_model, model_shard, plans_from_scores
+from megatron_prune.prune.search_proxy import Selection, pick
+from megatron_prune.prune.search_space import Candidate, Space, find_space
 from megatron_prune.prune.select import PruneTarget
 from megatron_prune.train.distill import kd_token_losses
 
@@ -54,8 +58,8 @@ SEARCH_FILE = "prune_search.json"
 
 @dataclass(frozen=True)
 class SearchReport:
-    budget: Budget
-    candidates: tuple[Candidate, ...]
+    space: Space
+    selection: Selection
     losses: tuple[float, ...]          # what ranks them: held-out loss (after the distillation steps, if any)
     chosen: int
     method: str
@@ -64,23 +68,43 @@ class SearchReport:
     seconds: dict
     pruned_losses: tuple[float, ...] = ()  # with distillation steps: the loss right after pruning, before them
 
+    @property
+    def budget(self) -> Budget:
+        return self.space.budget
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        return self.selection.candidates
+
     def to_json(self) -> dict:
-        cands = [{"shape": c.shape.to_dict(), "params": c.params, "score": _finite(loss)}
-                 for c, loss in zip(self.candidates, self.losses)]
+        cands = [{"shape": c.shape.to_dict(), "params": c.params, "hf_loadable": c.hf_loadable,
+                  "proxy_damage": damage, "score": _finite(loss)}
+                 for c, damage, loss in zip(self.candidates, self.selection.damage, self.losses)]
         if self.budget.memory is not None:
             for c, cand in zip(cands, self.candidates):
                 c["memory_bytes"] = cand.memory
         for c, loss in zip(cands, self.pruned_losses):
             c["loss_after_pruning"] = _finite(loss)
-        return {"budget": self.budget.to_json(), "method": self.method, "held_out": self.held_out,
-                "kd_iters": self.kd_iters, "seconds": self.seconds, "chosen": self.chosen, "candidates": cands}
+        return {"budget": self.budget.to_json(), "space": self.space.to_json(), "selection": self.selection.to_json(),
+                "method": self.method, "held_out": self.held_out, "kd_iters": self.kd_iters,
+                "seconds": self.seconds, "chosen": self.chosen, "candidates": cands}
+
+    def header(self) -> str:
+        """What was searched and how the evaluated shapes were picked: two lines above the table."""
+        what = f"{self.held_out['tokens']} held-out tokens after pruning"
+        what += f" and {self.kd_iters} distillation steps" if self.kd_iters else ""
+        return (f"budget {self.budget.describe()}: {self.space.describe()}\n"
+                f"evaluated: {self.selection.how}; loss on {what}")
 
     def table(self) -> str:
-        mem = self.budget.memory is not None
-        rows = [("rank", "shape", "params") + (("memory GiB",) if mem else ()) + ("loss", "chosen")]
-        rows += [(str(i), c.line(), f"{c.params:,}") + ((f"{c.memory / GiB:.4f}",) if mem else ())
-                 + (f"{loss:.4f}", "*" if i - 1 == self.chosen else "")
-                 for i, (c, loss) in enumerate(zip(self.candidates, self.losses), 1)]
+        mem, mixed = self.budget.memory is not None, self.space.limits.megatron_only_shapes
+        proxy = any(p is not None for p in self.selection.damage)
+        rows = [("rank", "shape", "params") + (("memory GiB",) if mem else ()) + (("damage",) if proxy else ())
+                + (("HF",) if mixed else ()) + ("loss", "chosen")]
+        for i, (c, p, loss) in enumerate(zip(self.candidates, self.selection.damage, self.losses), 1):
+            rows.append((str(i), c.line(), f"{c.params:,}") + ((f"{c.memory / GiB:.4f}",) if mem else ())
+                        + ((f"{p:.4f}",) if proxy else ()) + (("yes" if c.hf_loadable else "no",) if mixed else ())
+                        + (f"{loss:.4f}", "*" if i - 1 == self.chosen else ""))
         return align_table(rows)
 
 
@@ -89,13 +113,12 @@ def _finite(x: float) -> float | None:
 
 
 # ----------------------------------------------------------------------------- checks (before any work)
-def find_candidates(src: LlamaShape, tp: int, load: str | Path, search_cfg: SearchConfig
-                    ) -> tuple[Budget, list[Candidate]]:
-    """The budget of the flags and the candidate shapes closest to it (no tensors read)."""
+def find_candidates(src: LlamaShape, tp: int, load: str | Path, search_cfg: SearchConfig) -> Space:
+    """The budget of the flags and its search space (no tensors read)."""
     s = search_cfg
     budget = make_budget(src, s.target_params, s.target_memory_gb, s.memory_seq_length, s.memory_batch_size)
     try:
-        return budget, search(src, tp, budget, s.limits)
+        return find_space(src, tp, budget, s.limits)
     except BudgetError as e:
         raise BudgetError(f"{load}: {e}") from None
 
@@ -182,22 +205,25 @@ def evaluate_candidates(model, meta: mio.CheckpointMeta, plans: list[PrunePlan],
     return losses, before, seconds
 
 
-def search_plan(cfg: PruneConfig, meta: mio.CheckpointMeta, candidates: list[Candidate], budget: Budget,
-                scoring: Calibration, held_out: Calibration) -> tuple[PrunePlan, SearchReport]:
+def search_plan(cfg: PruneConfig, meta: mio.CheckpointMeta, space: Space, scoring: Calibration,
+                held_out: Calibration) -> tuple[PrunePlan, SearchReport]:
     """The best candidate's plan and the report, the same on every rank."""
     t0 = time.perf_counter() - scoring.seconds  # the windows were read in the check: their time counts here
     progress = cfg.progress and dist.get_rank() == 0
-    targets = [PruneTarget.of_shape(c.shape) for c in candidates]
     with loaded_model(cfg.load, meta.tp, cfg.calib.seq_length, cfg.seed) as model:
-        plans = plan_for(cfg.importance, meta.shape, targets, meta.tp, cfg.seed, model=model, calib=scoring,
-                         micro_batch_size=cfg.calib.micro_batch_size, progress=progress)
+        scores = compute_scores(cfg.importance, meta.shape, model=model, calib=scoring,
+                                micro_batch_size=cfg.calib.micro_batch_size, progress=progress)
         t_scores = time.perf_counter() - t0
+        selection = pick(space, scores, meta.shape, meta.tp)  # identical scores on every rank: the same pick
+        targets = [PruneTarget.of_shape(c.shape) for c in selection.candidates]
+        plans = plans_from_scores(cfg.importance, scores, meta.shape, targets, meta.tp, cfg.seed, scoring)
+        t_pick = time.perf_counter() - t0 - t_scores
         losses, before, per_candidate = evaluate_candidates(model, meta, plans, held_out.windows, scoring.windows,
                                                             cfg, progress)
-    chosen = choose(losses, candidates)
+    chosen = choose(losses, selection.candidates)
     check_identical(json.dumps([chosen, losses]), "candidate choices")  # the losses are TP-reduced: they agree
-    seconds = {"scores": t_scores, "candidates": per_candidate, "total": time.perf_counter() - t0}
-    report = SearchReport(budget=budget, candidates=tuple(candidates), losses=tuple(losses), chosen=chosen,
+    seconds = {"scores": t_scores, "proxy": t_pick, "candidates": per_candidate, "total": time.perf_counter() - t0}
+    report = SearchReport(space=space, selection=selection, losses=tuple(losses), chosen=chosen,
                           method=cfg.importance, held_out=held_out.fingerprint(), kd_iters=cfg.search.kd_iters,
                           seconds=seconds, pruned_losses=tuple(before))
     return plans[chosen], report

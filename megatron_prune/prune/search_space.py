@@ -1,22 +1,36 @@
-"""The budget search space: pruned shapes of a source model that meet a budget (Budget): a parameter count
-(95-100% of it), an inference memory size in bytes (95-100% of it), or both (95-100% of the parameters and at most
-the memory). Pure: no I/O, no processes. Which candidate recovers best (scoring) is not decided here.
+"""The budget search space: pruned shapes of a source model that meet a budget (Budget): a parameter count, an
+inference memory size in bytes, or both (the parameters as the target and the memory as a ceiling). Pure: no I/O,
+no processes. Which shape is best (the importance proxy, then the loss) is decided elsewhere (search_proxy,
+search_run).
 
 Axes: num_layers, hidden_size, heads per query group and ffn_hidden_size. A GQA model keeps its query groups and
 loses heads inside them; an MHA model stays MHA (heads = groups), as a hand-given `--num-attention-heads-remain`
-does (select.PruneTarget). Every candidate is
+does (select.PruneTarget). A valid shape is
 - reachable at the checkpoint's TP in balance mode: it passes PruneTarget.resolve and LlamaShape.check_parallel,
   the same validation as hand-given sizes;
-- loadable by HF transformers: hidden % heads == 0 (config.shape.hf_config_warning; transformers >= 5 requires it);
-- made of widths (hidden, FFN) that are multiples of `width_multiple`, or the source's own width;
+- loadable by HF transformers (hidden % heads == 0, config.shape.hf_config_warning; transformers >= 5 requires
+  it), unless `megatron_only_shapes`: then also the shapes only megatron-core runs;
+- made of widths (hidden, FFN) that are multiples of `width_multiple`, or the source's own width. The multiple is
+  for quantization and GEMM tiles, which see widths; layer and head counts take any value;
 - within the limits: at most `max_depth_drop` of the layers and `max_width_drop` of each width (hidden, heads
   per group or MHA heads, FFN) removed.
 
+The window: valid shapes within [lower x budget, budget] of the parameters (or of the memory when only memory is
+given; with both, also at most the memory). `lower` starts at 95% and widens by 5 points while the window holds
+fewer than `candidates` maximal shapes, down to 80%: on a coarse grid (a small model at multiple 128 and TP 3)
+only a handful of shapes land in 95-100%, and the best use of the budget may sit at 90%.
+
+Maximal shapes: a valid shape is maximal when no single step up of one axis (one more layer; the next valid
+hidden width, head count or FFN width) still fits the budget. The pruner keeps the most important units of each
+axis with nested selections (top-k hidden channels, heads, FFN channels per TP partition; layers dropped by lowest
+Block Influence), so a non-maximal shape keeps a subset of the units some valid shape in budget keeps: it is never
+the better use of the budget by the importance the plan is made from. Only maximal shapes are ranked; at most one
+per (layers, hidden, heads), the widest FFN that fits.
+
 The parameter count is config.shape.count_params, LlamaShape's own formula; memory is
 config.shape.inference_memory_bytes (weights + KV cache). Both are linear in the FFN width for fixed (layers,
-hidden, heads), so for each (layers, hidden, heads) the FFN widths that land in the budget windows come from one
-division per bound instead of a scan, and only the best `candidates` are kept (a heap): a 7B-sized space stays
-fast even at multiple 8.
+hidden, heads), so for each (layers, hidden, heads) the FFN widths in the window come from one bisection per bound
+instead of a scan: a 7B-sized space stays fast even at multiple 8.
 
 The budget itself (parsing the flags) is prune.budget's; the tables and the width warning for hand-given sizes
 are prune.display's.
@@ -24,7 +38,6 @@ are prune.display's.
 
 from __future__ import annotations
 
-import heapq
 import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -39,7 +52,10 @@ from megatron_prune.prune.select import PruneTarget
 # quantized linear's input columns % 128 == 0: hidden (q/k/v/gate/up) and FFN (down); tensor-core GEMM tiles
 # also want multiples of 64/128. Models with hidden < ~1024 (tests, toys) need a smaller --width-multiple.
 DEFAULT_WIDTH_MULTIPLE = 128
-WINDOW = 0.95  # candidates keep between WINDOW * budget and budget parameters (or bytes)
+WINDOW = 0.95        # the window starts at 95-100% of the budget,
+WIDEN_STEP = 0.05    # widens by 5 points while it holds fewer than `candidates` maximal shapes,
+WINDOW_FLOOR = 0.80  # down to 80%: below that a shape is no longer what the user asked for
+LOWERS = tuple(round(WINDOW - i * WIDEN_STEP, 2) for i in range(round((WINDOW - WINDOW_FLOOR) / WIDEN_STEP) + 1))
 
 
 # Default drop limits (0.5), measured on SmolLM2-135M at the demo's budget (47% of the parameters, TP 3, activation
@@ -51,7 +67,8 @@ class SearchLimits:
     width_multiple: int = DEFAULT_WIDTH_MULTIPLE
     max_depth_drop: float = 0.5   # fraction of the layers that may be dropped
     max_width_drop: float = 0.5   # fraction of each width (hidden, heads, FFN) that may be removed
-    candidates: int = 8           # how many of the closest shapes to keep
+    candidates: int = 8           # how many shapes (the proxy's best) are evaluated by their loss
+    megatron_only_shapes: bool = False  # also shapes transformers >= 5 cannot load (hidden % heads != 0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.width_multiple, int) or self.width_multiple < 1:
@@ -61,6 +78,10 @@ class SearchLimits:
                 raise BudgetError(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {getattr(self, name)}")
         if self.candidates < 1:
             raise BudgetError(f"--search-candidates must be >= 1, got {self.candidates}")
+
+    def shape_set(self) -> str:
+        return ("megatron-core shapes (--megatron-only-shapes: transformers >= 5 cannot load hidden % heads != 0)"
+                if self.megatron_only_shapes else "shapes HF transformers loads (hidden % heads == 0)")
 
 
 @dataclass(frozen=True)
@@ -79,10 +100,48 @@ class Candidate:
         """Of the budget that ranks: the parameters, or the memory when only memory is given."""
         return self.params / self.budget.params if self.budget.params else self.memory / self.budget.memory
 
+    @property
+    def hf_loadable(self) -> bool:
+        return hf_config_warning(self.shape) is None
+
     def line(self) -> str:
         s = self.shape
         return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
                 f"ffn={s.ffn_hidden_size}")
+
+
+@dataclass(frozen=True)
+class Space:
+    """The valid shapes of a budget: how many the window holds, and its maximal ones (closest to the budget first;
+    ties: deeper, then wider)."""
+    budget: Budget
+    limits: SearchLimits
+    lower: float                     # the window is [lower x budget, budget]
+    valid: int                       # valid shapes in the window, maximal or not
+    shapes: tuple[Candidate, ...]    # the maximal ones
+
+    @property
+    def widened(self) -> bool:
+        return self.lower < WINDOW
+
+    def window(self) -> str:
+        text = f"{100 * self.lower:.0f}-100%"
+        if self.widened:
+            text += (f" (widened from {100 * WINDOW:.0f}% in {100 * WIDEN_STEP:.0f}-point steps: fewer than "
+                     f"{self.limits.candidates} maximal shapes fit above)")
+        return text
+
+    def describe(self) -> str:
+        """'window 95-100%: 614 valid shapes HF transformers loads (...), width multiple 8; 133 of them maximal
+        (...)'"""
+        return (f"window {self.window()}: {self.valid:,} valid {self.limits.shape_set()}, width multiple "
+                f"{self.limits.width_multiple}; {len(self.shapes)} of them maximal (no layer, head or width step "
+                f"up fits the budget)")
+
+    def to_json(self) -> dict:
+        return {"window": [self.lower, 1.0], "widened": self.widened, "valid_shapes": self.valid,
+                "maximal_shapes": len(self.shapes), "width_multiple": self.limits.width_multiple,
+                "megatron_only_shapes": self.limits.megatron_only_shapes}
 
 
 # ----------------------------------------------------------------------------- axes
@@ -98,16 +157,11 @@ def _widths(n: int, multiple: int, drop: float, divisor: int = 1) -> list[int]:
 
 
 def _attention(src: LlamaShape, tp: int, drop: float) -> list[tuple[int, int]]:
-    """(heads, groups) options. GQA keeps its groups; MHA stays MHA and needs groups % TP == 0 (balance mode)."""
+    """(heads, groups) options, ascending. GQA keeps its groups; MHA stays MHA and needs groups % TP == 0."""
     g0 = src.num_query_groups
     if g0 == src.num_attention_heads:
         return [(h, h) for h in _kept_range(g0, drop) if h % tp == 0]
     return [(g0 * k, g0) for k in _kept_range(src.heads_per_group, drop)]
-
-
-def _hf_loadable(src: LlamaShape, hidden: int, heads: int, groups: int) -> bool:
-    return hf_config_warning(src.replace(hidden_size=hidden, num_attention_heads=heads,
-                                         num_query_groups=groups)) is None
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -139,23 +193,6 @@ class _Line:
     def at(self, layers: int) -> tuple[int, int]:
         """(base, slope): value = base + slope * ffn at this depth."""
         return self.fixed + layers * self.per_layer, layers * self.per_ffn
-
-
-class _Best:
-    """The k best (value, key) by closeness to the target from below; ties: deeper, then wider first."""
-
-    def __init__(self, target: int, k: int):
-        self.target, self.k, self.heap = target, k, []  # heap of negated sort keys: heap[0] is the worst kept
-
-    def add(self, value: int, key: Key) -> None:
-        item = (value - self.target, *key)  # = the sort key (target - value, -layers, ...) negated
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, item)
-        elif item > self.heap[0]:
-            heapq.heapreplace(self.heap, item)
-
-    def keys(self) -> list[Key]:
-        return [tuple(key) for _, *key in sorted(self.heap, reverse=True)]
 
 
 def _window(lo: int | None, hi: int | None, base: int, slope: int) -> tuple[float, float]:
@@ -194,55 +231,102 @@ class _Closest:
                     self.best = (d, (*key[:4], f))
 
 
-def _enumerate(src: LlamaShape, tp: int, budget: Budget, limits: SearchLimits) -> tuple[list[Key], Key | None]:
-    """Keys of the best grid shapes inside the budget, and the grid shape closest to the budget overall.
-    Ranked by parameters when a parameter budget is given, else by memory."""
-    def lower(n: int) -> int:
-        return -(-n * round(WINDOW * 100) // 100)  # ceil(0.95 * n), in integers
+class _Grid:
+    """The valid axes of a search: FFN widths, hidden widths, (heads, groups) options, layer counts, and the
+    budget's bounds; `fits` is the ceiling (at most the parameters and the memory)."""
 
-    p_lo, p_hi = (lower(budget.params), budget.params) if budget.params is not None else (None, None)
-    m_hi = budget.memory
-    m_lo = lower(budget.memory) if budget.memory is not None and budget.params is None else None
-    ffns = _widths(src.ffn_hidden_size, limits.width_multiple, limits.max_width_drop, divisor=tp)
-    best = _Best(budget.params if budget.params is not None else budget.memory, limits.candidates)
-    closest = _Closest(budget)
-    for hidden in _widths(src.hidden_size, limits.width_multiple, limits.max_width_drop):
-        for heads, groups in _attention(src, tp, limits.max_width_drop):
-            if not _hf_loadable(src, hidden, heads, groups):
+    def __init__(self, src: LlamaShape, tp: int, budget: Budget, limits: SearchLimits):
+        self.src, self.budget, self.limits = src, budget, limits
+        self.ffns = _widths(src.ffn_hidden_size, limits.width_multiple, limits.max_width_drop, divisor=tp)
+        self.hiddens = _widths(src.hidden_size, limits.width_multiple, limits.max_width_drop)
+        self.attention = _attention(src, tp, limits.max_width_drop)
+        self.layers = _kept_range(src.num_layers, limits.max_depth_drop)
+
+        allowed = {(h, a): self._loadable(h, *a) for h in self.hiddens for a in self.attention}
+        self.pairs = [(h, a) for (h, a), ok in allowed.items() if ok]  # (hidden, (heads, groups)) of valid shapes
+        # the next valid step up of hidden (same heads) and of heads (same hidden), for the maximality test
+        self.next_hidden = {(h, a): next((h2 for h2 in self.hiddens if h2 > h and allowed[h2, a]), None)
+                            for h, a in self.pairs}
+        self.next_heads = {(h, a): next((a2 for a2 in self.attention if a2[0] > a[0] and allowed[h, a2]), None)
+                           for h, a in self.pairs}
+
+    def _loadable(self, hidden: int, heads: int, groups: int) -> bool:
+        if self.limits.megatron_only_shapes:
+            return True
+        return hf_config_warning(self.src.replace(hidden_size=hidden, num_attention_heads=heads,
+                                                  num_query_groups=groups)) is None
+
+    def fits(self, key: Key) -> bool:
+        b = self.budget
+        return ((b.params is None or _params(self.src, key) <= b.params)
+                and (b.memory is None or b.memory_of(_fields(self.src, key)) <= b.memory))
+
+    def rank_value(self, key: Key) -> int:
+        """What the window and the order are measured in: parameters, or memory when only memory is given."""
+        return _params(self.src, key) if self.budget.params is not None else self.budget.memory_of(
+            _fields(self.src, key))
+
+    def step_ups(self, key: Key) -> list[Key]:
+        """`key` with one axis one valid step larger (the FFN step is left out: the window's bisection already
+        took the widest FFN that fits)."""
+        layers, hidden, heads, groups, ffn = key
+        ups = [(layers + 1, hidden, heads, groups, ffn)] if layers < self.src.num_layers else []
+        h2, a2 = self.next_hidden[hidden, (heads, groups)], self.next_heads[hidden, (heads, groups)]
+        ups += [(layers, h2, heads, groups, ffn)] if h2 is not None else []
+        ups += [(layers, hidden, *a2, ffn)] if a2 is not None else []
+        return ups
+
+
+def _lower_bound(n: int, fraction: float) -> int:
+    return -(-n * round(fraction * 100) // 100)  # ceil(fraction * n), in integers
+
+
+def _enumerate(grid: _Grid) -> tuple[dict[float, int], list[tuple[int, Key]], Key | None]:
+    """({lower: valid shapes in [lower x budget, budget]} for every lower in LOWERS, [(rank value, key)] of the
+    maximal shapes in the widest window, the grid shape closest to the budget overall)."""
+    budget, ffns = grid.budget, grid.ffns
+    target = budget.params if budget.params is not None else budget.memory
+    bounds = {lower: _lower_bound(target, lower) for lower in LOWERS}
+    counts, maximal, closest = dict.fromkeys(LOWERS, 0), [], _Closest(budget)
+    for hidden, (heads, groups) in grid.pairs:
+        pl = _Line(lambda k: _params(grid.src, k), hidden, heads, groups)
+        ml = _Line(lambda k: budget.memory_of(_fields(grid.src, k)), hidden, heads, groups) \
+            if budget.memory is not None else None
+        for layers in grid.layers:
+            key = (layers, hidden, heads, groups, 0)
+            pline, mline = pl.at(layers), ml.at(layers) if ml else None
+            closest.add(ffns, key, pline, mline)
+            rank = pline if budget.params is not None else mline
+            ceiling = min(_window(None, budget.params, *pline)[1] if budget.params is not None else math.inf,
+                          _window(None, budget.memory, *mline)[1] if mline else math.inf)
+            top = bisect_right(ffns, ceiling)  # ffns[:top] fit the budget's ceiling
+            for lower, lo in bounds.items():
+                counts[lower] += max(0, top - bisect_left(ffns, _window(lo, None, *rank)[0]))
+            if not top:
                 continue
-            pl = _Line(lambda k: _params(src, k), hidden, heads, groups)
-            ml = _Line(lambda k: budget.memory_of(_fields(src, k)), hidden, heads, groups) if m_hi else None
-            for layers in _kept_range(src.num_layers, limits.max_depth_drop):
-                key = (layers, hidden, heads, groups, 0)
-                pline, mline = pl.at(layers), ml.at(layers) if ml else None
-                lo, hi = _window(p_lo, p_hi, *pline)
-                if mline:
-                    m_f = _window(m_lo, m_hi, *mline)
-                    lo, hi = max(lo, m_f[0]), min(hi, m_f[1])
-                rank = pline if budget.params is not None else mline
-                i0, i1 = bisect_left(ffns, lo), bisect_right(ffns, hi)
-                for f in ffns[max(i0, i1 - limits.candidates):i1]:  # the largest fit best
-                    best.add(rank[0] + rank[1] * f, (*key[:4], f))
-                closest.add(ffns, key, pline, mline)
-    return best.keys(), closest.best[1] if closest.best else None
+            widest = (*key[:4], ffns[top - 1])
+            value = rank[0] + rank[1] * widest[4]
+            if value >= bounds[LOWERS[-1]] and not any(grid.fits(u) for u in grid.step_ups(widest)):
+                maximal.append((value, widest))
+    return counts, maximal, closest.best[1] if closest.best else None
 
 
-def validate(src: LlamaShape, tp: int, key: Key) -> LlamaShape:
+def validate(src: LlamaShape, tp: int, key: Key, hf_only: bool = True) -> LlamaShape:
     """The shape of `key` through the same checks as hand-given sizes; raises PlanError / ShapeError otherwise."""
     layers, hidden, heads, groups, ffn = key
     target = PruneTarget(hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
                          ffn_hidden_size=ffn, num_layers=layers, mode="balance").resolve(src, tp)
     target.check_parallel(tp)
     warning = hf_config_warning(target)
-    if warning:
+    if warning and hf_only:
         raise PlanError(warning)
     return target
 
 
-def _candidate(src: LlamaShape, tp: int, budget: Budget, key: Key) -> Candidate:
+def _candidate(src: LlamaShape, tp: int, budget: Budget, key: Key, hf_only: bool) -> Candidate:
     """The grid is built to pass validation; a shape that does not is a bug here, not a user error."""
     try:
-        shape = validate(src, tp, key)
+        shape = validate(src, tp, key, hf_only)
     except (PlanError, ShapeError) as e:
         raise RuntimeError(f"the search space produced an invalid shape {key}: {e}") from e
     memory = budget.memory_of(shape) if budget.memory is not None else None
@@ -258,20 +342,27 @@ def _describe(c: Candidate) -> str:
     return " and ".join(parts)
 
 
-def search(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLimits = SearchLimits()
-           ) -> list[Candidate]:
-    """The `limits.candidates` valid shapes closest to the budget from below (an int: a parameter count): within
-    95-100% of the parameters (or of the memory when only memory is given) and at most the memory; ties: deeper,
-    then wider first. Raises BudgetError naming the closest shape and the budget when none fits."""
+def find_space(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLimits = SearchLimits()) -> Space:
+    """The window and its maximal shapes (an int budget: a parameter count). The window starts at 95-100% and
+    widens (WIDEN_STEP, down to WINDOW_FLOOR) while it holds fewer than `limits.candidates` maximal shapes.
+    Raises BudgetError naming the closest shape and the budget when no shape fits even the widest window."""
     budget = Budget(params=budget) if isinstance(budget, int) else budget
-    inside, closest = _enumerate(src, tp, budget, limits)
-    if inside:
-        return [_candidate(src, tp, budget, key) for key in inside]
-    near = _candidate(src, tp, budget, closest) if closest else None
+    grid = _Grid(src, tp, budget, limits)
+    counts, maximal, closest = _enumerate(grid)
+    target = budget.params if budget.params is not None else budget.memory
+    hf_only = not limits.megatron_only_shapes
+    for lower in LOWERS:
+        inside = [(v, k) for v, k in maximal if v >= _lower_bound(target, lower)]
+        if len(inside) >= limits.candidates or (lower == LOWERS[-1] and inside):
+            inside.sort(key=lambda vk: (-vk[0], *(-x for x in vk[1])))  # closest; ties: deeper, then wider
+            shapes = tuple(_candidate(src, tp, budget, k, hf_only) for _, k in inside)
+            return Space(budget=budget, limits=limits, lower=lower, valid=counts[lower], shapes=shapes)
+    near = _candidate(src, tp, budget, closest, hf_only) if closest else None
     hint = f"closest: {near.line()} with {_describe(near)}" if near else "no shape passes the limits at all"
     flags = ", ".join(f for f, given in (("--target-params", budget.params), ("--target-memory-gb", budget.memory),
                                          ("--memory-seq-length", budget.memory)) if given is not None)
-    raise BudgetError(f"no shape within {100 * WINDOW:.0f}-100% of {budget.describe()} at TP {tp} (width multiple "
-                      f"{limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
-                      f"{limits.max_width_drop:g} of widths dropped); {hint}; loosen --width-multiple, "
-                      f"--max-width-drop or --max-depth-drop, or change {flags}")
+    more = "" if limits.megatron_only_shapes else ", --megatron-only-shapes"
+    raise BudgetError(f"no shape within {100 * LOWERS[-1]:.0f}-100% of {budget.describe()} at TP {tp} (width "
+                      f"multiple {limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
+                      f"{limits.max_width_drop:g} of widths dropped, {limits.shape_set()}); {hint}; loosen "
+                      f"--width-multiple, --max-width-drop or --max-depth-drop{more}, or change {flags}")

@@ -85,6 +85,13 @@ def test_the_lowest_loss_wins_and_is_what_was_written(world):
         assert 0.95 * budget <= chosen["params"] <= budget
         plan = json.loads((root / name / "prune_plan.json").read_text())
         assert plan["target_shape"] == chosen["shape"] and plan["method"] == world["cases"][name]["importance"]
+        space = report["space"]
+        assert space["valid_shapes"] >= space["maximal_shapes"] >= len(scores) and space["width_multiple"] == 8
+        damage = [c["proxy_damage"] for c in report["candidates"]]
+        if name == "random":  # no scores: the closest to the budget, no proxy
+            assert damage == [None] * len(damage) and "closest to the budget" in report["selection"]["how"]
+        else:
+            assert damage == sorted(damage) and "lowest damage estimate" in report["selection"]["how"]
 
 
 def test_distillation_steps_change_the_scores(world):
@@ -119,8 +126,10 @@ def test_cli_prints_the_table_and_refuses_too_little_held_out_text(world, tmp_pa
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     table = ok.stdout.splitlines()
-    assert any(line.split()[:5] == ["rank", "shape", "params", "loss", "chosen"] for line in table)
+    assert any(line.split()[:6] == ["rank", "shape", "params", "damage", "loss", "chosen"] for line in table)
     assert sum(line.rstrip().endswith("*") for line in table) == 1
+    assert table[0].startswith("budget ") and "valid shapes HF transformers loads" in table[0]
+    assert table[1].startswith("evaluated: the 2 of ") and "lowest damage estimate" in table[1]
     bad = subprocess.run(common + ["--save", str(tmp_path / "bad"), "--search-eval-samples", "5000"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "--search-eval-samples" in bad.stderr.strip().splitlines()[-1]

@@ -311,13 +311,15 @@ def test_prune_budget_dry_run_is_one_process(ckpt_tp2, tmp_path):
     flags = run("scripts/prune_llama.sh", "--load", ckpt_tp2, "--target-params", "50%", "--width-multiple", "8",
                 "--dry-run", **logging)
     env = run("scripts/prune_llama.sh", LOAD=ckpt_tp2, TARGET_PARAMS="50%", WIDTH_MULTIPLE="8",
-              SEARCH_CANDIDATES="3", TARGET_MEMORY_GB="0.001", MEMORY_SEQ_LENGTH="16", DRY_RUN="1", **logging)
+              SEARCH_CANDIDATES="3", TARGET_MEMORY_GB="0.001", MEMORY_SEQ_LENGTH="16", MEGATRON_ONLY_SHAPES="1",
+              DRY_RUN="1", **logging)
     calls = _calls(log, "main")
     assert len(calls) == 2 and not _calls(log, "worker"), log.read_text()
     assert "% of budget" in flags.stdout and len(_budget_rows(flags.stdout)) >= 2
     assert "memory GiB" in env.stdout and "KV cache of 1 x 16 tokens" in env.stdout
-    assert len(_budget_rows(env.stdout)) == 3
+    assert len(_budget_rows(env.stdout)) >= 3 and "a run evaluates 3 of them" in env.stdout
     assert calls[1].split()[calls[1].split().index("--search-candidates") + 1] == "3"
+    assert "--megatron-only-shapes" in calls[1].split() and "--megatron-only-shapes" not in calls[0].split()
     assert not list(tmp_path.glob("out*"))
     # --no-dry-run on the command line wins over DRY_RUN=1: the pre-flight check runs (and refuses without --save)
     res = run("scripts/prune_llama.sh", "--no-dry-run", ok=False, LOAD=ckpt_tp2, TARGET_PARAMS="50%",
