@@ -6,7 +6,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo demo-quick bench clean compat-install test-compat gpu-wheels gpu-proof-dry-run
+.PHONY: install lint test test-all demo demo-quick bench clean compat-install test-compat gpu-wheels gpu-proof-dry-run
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	-$(PY) tools/install_punkt.py
 	touch $@
 
-test: install
+test: install lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# the linter (pyflakes + pycodestyle, settings in pyproject.toml) gates the tests
+lint: install
+	$(VENV)/bin/ruff check .
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,7 +14,6 @@ No training after pruning: the numbers compare how much each importance keeps, n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess

@@ -72,7 +72,8 @@ def megatron_to_hf_stage(rank_sds: Sequence[dict[str, torch.Tensor]], shape: Lla
             continue  # the last stage's copy of a tied embedding: HF stores it once
         for i, sd in enumerate(sds):
             if mkey not in sd:
-                raise InputError(f"TP rank {i} of stage {pp_rank} lacks {mkey!r} (layers {layers.start}-{layers.stop - 1})")
+                raise InputError(f"TP rank {i} of stage {pp_rank} lacks {mkey!r} "
+                                 f"(layers {layers.start}-{layers.stop - 1})")
         merged = merge_tensor(kind, [sd[mkey] for sd in sds], shape)
         for key, t in zip(hf_keys, merged):
             yield key, (t.to(dtype) if dtype is not None and t.dtype != dtype else t).contiguous()

@@ -91,7 +91,8 @@ def missing_dependency(who: str) -> str | None:
                 f"it to use {ROOT}/.venv (`make install` creates it)")
     if who == "venv":
         return f"{sys.executable} {what}: rerun `make install` in {ROOT}"
-    return f"no {ROOT}/.venv and {sys.executable} {what}: run `make install` in {ROOT} first (the scripts then use .venv)"
+    return (f"no {ROOT}/.venv and {sys.executable} {what}: run `make install` in {ROOT} first "
+            f"(the scripts then use .venv)")
 
 
 def _most_alike(name: str, names: set[str]) -> str:

@@ -141,7 +141,8 @@ def build_config(args):
                              drop_layers=layer_ids(args.drop_layers), mode=args.prune_type or "balance")
     calib = CalibConfig(data=args.calib_data, samples=args.calib_samples, seq_length=args.calib_seq_length,
                         micro_batch_size=args.calib_micro_batch_size, tokenizer=args.tokenizer)
-    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan, importance=args.importance or "activation",
+    return PruneConfig(load=args.load, save=args.save, target=target, plan=args.plan,
+                       importance=args.importance or "activation",
                        seed=args.seed, calib=calib, mode=args.prune_type if args.plan else None,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        allow_non_finite=args.allow_non_finite, search=search, ckpt_format=args.ckpt_format)

@@ -3,11 +3,11 @@
     with third_party_noise(verbose=args.verbose):
         run(args)
 
-Quiet by default: the warnings in NOISE (listed with why they do not matter to a user of this tool) and
-deprecations are dropped, any other warning is printed once per message, and only from rank 0 (under torchrun every rank would print the
-same text); the other ranks also raise torch / megatron-core / transformers loggers to ERROR. `-v` / `--verbose`
-(every subcommand has it) leaves Python's defaults alone: every warning from every rank. Nothing happens at import
-time; everything changed is restored when the context ends.
+Quiet by default: the warnings in NOISE (listed with why they do not matter to a user of this tool) and deprecations
+are dropped, any other warning is printed once per message, and only from rank 0 (under torchrun every rank would
+print the same text); the other ranks also raise torch / megatron-core / transformers loggers to ERROR. `-v` /
+`--verbose` (every subcommand has it) leaves Python's defaults alone: every warning from every rank. Nothing happens
+at import time; everything changed is restored when the context ends.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 zstandard's stream reader ends quietly where a truncated file ends (a cut download kept 153 of 521 documents,
 exit 0). `open_zstd` first walks the file's frame and block headers (seeking over the compressed bytes: no
 decompression, bounded memory) and refuses a file that is not zstd or that ends inside a frame; it then
-decompresses every frame (pzstd and concatenated files hold several), turning zstandard's errors (corrupt data, bad checksum) into the same one-line error.
+decompresses every frame (pzstd and concatenated files hold several), turning zstandard's errors (corrupt data,
+bad checksum) into the same one-line error.
 """
 
 from __future__ import annotations

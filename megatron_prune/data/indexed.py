@@ -57,7 +57,8 @@ def check_indexed_dataset(prefix: str | Path) -> tuple[int, int]:
     have = bin_.stat().st_size
     if have != tokens * itemsize:
         raise DatasetFileError(f"{bin_}: {have} bytes, but {idx} describes {tokens} tokens of {itemsize} bytes "
-                               f"({tokens * itemsize} bytes): {'truncated' if have < tokens * itemsize else 'not its data'}")
+                               f"({tokens * itemsize} bytes): "
+                               f"{'truncated' if have < tokens * itemsize else 'not its data'}")
     return documents - 1, tokens
 
 

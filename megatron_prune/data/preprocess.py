@@ -195,7 +195,8 @@ def iter_documents(files: Iterable[Path]) -> Iterator[RawDoc]:
                     count += 1
                     yield doc
         except UnicodeDecodeError as exc:
-            raise PreprocessError(f"{path}: not UTF-8 text ({exc.reason} near byte {exc.start} of a read block)") from None
+            raise PreprocessError(f"{path}: not UTF-8 text ({exc.reason} near byte {exc.start} "
+                                  f"of a read block)") from None
         except OSError as exc:
             raise PreprocessError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if count == 0:

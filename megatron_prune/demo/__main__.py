@@ -40,7 +40,8 @@ def parse_args(argv):
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "megatron_prune"),
                    help="where the downloaded model is kept between runs")
     p.add_argument("--tp", type=int, default=3, help="TP size for conversion and eval (SmolLM2: 1 or 3)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens to evaluate (default 8192, quick 2048)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="held-out tokens to evaluate (default 8192, quick 2048)")
     return p.parse_args(argv)
 
 
@@ -138,7 +139,8 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
                                                                          logfile))
     pruned = out / f"pruned-tp{plan.tp}"
     info = timed(log, f"prune (activation, balance, torchrun x{plan.tp})",
-                 lambda: stages.prune(teacher, pruned, plan, train_text, logfile) | stages.param_counts(teacher, pruned),
+                 lambda: (stages.prune(teacher, pruned, plan, train_text, logfile)
+                          | stages.param_counts(teacher, pruned)),
                  note=lambda r: f"{r['params_before']:,} -> {r['params_after']:,} params")
     after_prune = timed(log, "eval pruned", lambda: stages.evaluate(pruned, heldout, tokens, plan.tp, logfile),
                         note=lambda r: f"ppl {r['perplexity']:.2f}")

@@ -11,7 +11,7 @@ import pytest
 from tests.unit.test_search_space import ckpt  # noqa: F401 - the tiny TP=2 checkpoint fixture
 
 
-def test_export_of_a_megatron_only_shape_is_written_with_one_warning(ckpt, capsys):
+def test_export_of_a_megatron_only_shape_is_written_with_one_warning(ckpt, capsys):  # noqa: F811 (fixture)
     import os
     import subprocess
     import sys

@@ -105,7 +105,8 @@ def test_cli_overrides_config_file(tmp_path):
 
 def test_cli_user_error_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megatron_prune", "train", "--load", str(tmp_path), "--data-path",
-                          str(tmp_path / "none"), "--train-iters", "2", "--no-save"], capture_output=True, text=True, timeout=120,
+                          str(tmp_path / "none"), "--train-iters", "2", "--no-save"],
+                         capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 2
     # torch's own glog-style log lines (e.g. "W1202 05:40:19.92 ... No CUDA runtime is found" from a CUDA build of
