@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         mg = out / f"megatron-tp{args.tp}"
         timed(log, f"convert HF -> Megatron TP={args.tp}", lambda: run_cli(
             ["convert", "hf-to-megatron", "--hf-dir", str(hf_dir), "--save", str(mg), "--tp", str(args.tp),
-             "--dtype", "fp32", "--overwrite", "--no-progress"], log=logfile))
+             "--dtype", "fp32", "--overwrite"], log=logfile))
         mg_eval = timed(log, f"eval megatron-core (torchrun x{args.tp})", lambda: last_json(run_cli(
             ["eval", "--load", str(mg), "--text-file", str(heldout), "--seq-length", str(seq),
              "--max-tokens", str(tokens), "--json"], nproc=args.tp, log=logfile)),
@@ -119,13 +119,13 @@ def main(argv=None) -> int:
                        note=lambda r: f"ppl {r['perplexity']:.3f}")
         back = out / "hf-roundtrip"
         timed(log, "export Megatron -> HF", lambda: run_cli(
-            ["convert", "megatron-to-hf", "--load", str(mg), "--save", str(back), "--overwrite", "--no-progress"],
+            ["convert", "megatron-to-hf", "--load", str(mg), "--save", str(back), "--overwrite"],
             log=logfile))
         same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
                             note=lambda r: f"{r[0]}/{r[1]} bit-identical")
         recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, plan)
     except StageError as e:
-        print(f"demo failed: {e}", file=sys.stderr)
+        print(f"demo failed: {e}\nevery stage's full output: {logfile}", file=sys.stderr)
         return 1
     report(log, source, mg_eval, hf_res, same, total, out, recovery, args.quick)
     ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
@@ -154,8 +154,8 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
     recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 1, logfile, hf_dir),
                       note=lambda r: f"ppl {r['perplexity']:.2f}")
     timed(log, "export recovered -> HF", lambda: run_cli(
-        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite",
-         "--no-progress"], log=logfile))
+        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite"],
+        log=logfile))
     hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(out / "recovered-hf", heldout, 512, tokens),
                    note=lambda r: f"ppl {r['perplexity']:.2f}")
     try:
@@ -178,6 +178,11 @@ def report(log: StageLog, source: str, mg_eval: dict, hf_res: dict, same: int, t
     print(text + "\n" + comparison)
     (out / "demo_report.md").write_text(text + "\n" + comparison + "\n")
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    plot = out / "loss_curve.png"
+    print("\n".join([f"Report:   {out / 'demo_report.md'} (numbers: {out / 'demo_results.json'})",
+                      f"Log:      {out / 'demo.log'} (every stage's full output)",
+                      f"Plot:     {plot if plot.exists() else 'none (no recovery training in this run)'}"]),
+          flush=True)
 
 
 if __name__ == "__main__":
