@@ -21,7 +21,7 @@ from pathlib import Path
 
 from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import (StageError, StageLog, environment, last_json, numeric_env, run_cli,
-                                          threads_per_process, timed)
+                                          terminal, threads_per_process, timed)
 from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -159,7 +159,8 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
     hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(out / "recovered-hf", heldout, 512, tokens),
                    note=lambda r: f"ppl {r['perplexity']:.2f}")
     try:
-        stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
+        with terminal.stage("plot loss curves"):  # not a row of the stage table: the README's has none
+            stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
     except StageError as e:
         print(f"[demo] no loss plot: {e}", file=sys.stderr)
     return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec,

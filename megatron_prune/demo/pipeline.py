@@ -7,6 +7,7 @@ user-facing entry points, not a private shortcut.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import re
@@ -63,6 +64,14 @@ class Terminal:
     def end(self) -> None:
         with self._lock:
             self._stage = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end()
 
     def _beat(self) -> None:
         while True:
@@ -238,11 +247,8 @@ def last_json(stdout: str) -> dict:
 
 def timed(log: StageLog, name: str, fn, note=None):
     """Run fn(), record its wall time and `note(result)` in the stage table, return the result."""
-    terminal.begin(name)
-    t0 = time.perf_counter()
-    try:
+    with terminal.stage(name):
+        t0 = time.perf_counter()
         result = fn()
-    finally:
-        terminal.end()
     log.add(name, time.perf_counter() - t0, note(result) if note else "")
     return result
