@@ -1,4 +1,4 @@
-"""python -m megatron_prune.demo [--quick] [--out DIR]: README's main job, end to end on CPU.
+"""python -m megatron_prune.demo [--quick] [--out DIR]: the pipeline end to end on CPU (`make demo`).
 
 Stages: get SmolLM2-135M offline -> convert to TP=3 shards -> held-out perplexity in megatron-core (torchrun) beside
 HF transformers -> export back to HF (bit-identical) -> prune about half the parameters under torchrun (activation

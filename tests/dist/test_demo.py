@@ -1,4 +1,4 @@
-"""README's main job, end to end: `bash scripts/demo.sh --quick`, as a user runs it.
+"""The demo, end to end: `bash scripts/demo.sh --quick`, as a user runs it.
 
 Two runs: the default (SmolLM2-135M from PyPI, or the tiny fallback when the package registry cannot be
 reached; 192 s on the busy 2-core machine) and, marked slow (`make test-all`), the self-trained tiny LLaMA. Each
