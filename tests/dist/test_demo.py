@@ -111,6 +111,7 @@ def check_progress(lines: list[tuple[float, str]], out: Path) -> None:
     times = [0.0] + [t for t, _ in lines]
     gaps = [(b - a, line) for a, b, (_, line) in zip(times, times[1:], lines)]
     worst, after = max(gaps)
+    print(f"longest silence of the terminal: {worst:.1f} s, before {after!r}")
     assert worst <= MAX_GAP_S, f"{worst:.0f} s without output before: {after!r}"
     text = [line for _, line in lines]
 
