@@ -155,16 +155,21 @@ def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict 
                 **(env or {})}
     sink = _LogSink(log)
     sink.write(f"$ {' '.join(cmd)}")
+    out, err = [], []
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
-        out, err = [], []
-        readers = [threading.Thread(target=_pump, args=(proc.stdout, out, sink)),
-                   threading.Thread(target=_pump, args=(proc.stderr, err, sink))]
-        for t in readers:
-            t.start()
-        for t in readers:
-            t.join()
-        returncode = proc.wait()
+        try:
+            readers = [threading.Thread(target=_pump, args=(proc.stdout, out, sink), daemon=True),
+                       threading.Thread(target=_pump, args=(proc.stderr, err, sink), daemon=True)]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join()
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C while a stage runs: the stage's processes end with the demo
+            proc.kill()
+            proc.wait()
+            raise
     finally:
         sink.close()
     if returncode != 0:
