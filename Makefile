@@ -1,4 +1,4 @@
-# Quick start:  make demo   (end-to-end main job)      make test   (the test suite; .ci/run calls it)
+# Quick start:  make demo   (the pipeline end to end, on CPU)      make test   (the test suite; .ci/run calls it)
 # Both create .venv and install the package first. Override TORCH_SPEC for another torch build, e.g.
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 VENV       ?= .venv

@@ -63,7 +63,7 @@ def render(r: dict, args) -> str:
         "loss = alpha * T^2 * KL(teacher || "
         "student at temperature T) + (1 - alpha) * LM loss. Held-out: "
         f"{r['teacher']['tokens']:,} tokens of heldout.jsonl; validation: the last 2% of train.jsonl, 4 batches. "
-        "One seed per variant: for the seed-to-seed spread of this recipe see the README's quality report. "
+        "One seed per variant: for the seed-to-seed spread of this recipe see the quality report above. "
         "time (s): training and held-out evaluation, on a machine shared with other jobs.", "",
         *rows, "",
         f"Best: temperature {best['temperature']:g}, alpha {best['alpha']:g} - the demo's default "

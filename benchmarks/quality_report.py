@@ -12,7 +12,7 @@ FFN 1536 -> 1020; 134.5M -> 64.0M parameters) and the same recovery recipe and t
 Calibration and training use the shipped train.jsonl; perplexity is measured on heldout.jsonl (shares no text).
 The KD and LM rows run with two training seeds (data order), so their difference is shown beside its spread.
 Every step is the CLI a user runs (the demo's stages, with the demo's deterministic thread settings). Writes
-docs/quality_report.md, docs/quality_recovery.png and the README's quality section (between
+docs/quality_report.md, docs/quality_recovery.png and the quality section of benchmarks/RESULTS.md (between
 `<!-- quality-report -->` markers).
 """
 
@@ -36,7 +36,8 @@ from megatron_prune.demo.pipeline import run_cli
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "megatron_prune" / "data" / "samples"
 CACHE = Path.home() / ".cache" / "megatron_prune"
-REPORT, PLOT, README = REPO / "docs" / "quality_report.md", REPO / "docs" / "quality_recovery.png", REPO / "README.md"
+REPORT, PLOT = REPO / "docs" / "quality_report.md", REPO / "docs" / "quality_recovery.png"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SEEDS = (1234, 4321)  # training seeds (data order) of the rows whose difference the report is about
 # (label, pruned start, teacher for recovery: True = KD from the unpruned model, False = LM loss, seeds)
 RECOVERIES = [("activation + KD", "activation", True, SEEDS), ("magnitude + KD", "magnitude", True, SEEDS[:1]),
@@ -208,12 +209,12 @@ def write_outputs(body: str, results: dict) -> None:
         "docs/quality_recovery.png", "quality_recovery.png") + "\n\nRaw results:\n\n```json\n" + json.dumps(
         {**results, "runs": [{k: v for k, v in x.items() if k != "metrics"} for x in results["runs"]]},
         indent=1) + "\n```\n")
-    text = README.read_text()
+    text = RESULTS.read_text()
     start, end = "<!-- quality-report -->", "<!-- /quality-report -->"
-    block = f"{start}\n{body}\n{end}"
+    block = f"{start}\n{body.replace('](docs/', '](../docs/')}\n{end}"  # links relative to benchmarks/
     if start not in text:
-        raise SystemExit(f"README.md has no {start} marker; the report is in {REPORT}")
-    README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+        raise SystemExit(f"{RESULTS} has no {start} marker; the report is in {REPORT}")
+    RESULTS.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
 
 
 def main() -> int:
@@ -222,7 +223,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
     ap.add_argument("--calib-samples", type=int, default=32, help="activation calibration samples (default 32)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
-    ap.add_argument("--no-write", action="store_true", help="print without writing docs/ and README.md")
+    ap.add_argument("--no-write", action="store_true", help="print without writing docs/ and benchmarks/RESULTS.md")
     args = ap.parse_args()
     body, results = in_work(args.work, "quality_", lambda work: run_report(args, work))
     print(body)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's main job: a real small LLaMA (SmolLM2-135M, from a PyPI package) converted to Megatron TP shards,
+# End to end on CPU: a real small LLaMA (SmolLM2-135M, from a PyPI package) converted to Megatron TP shards,
 # evaluated in megatron-core under torchrun beside HF transformers, exported back bit-exactly, pruned to about half
 # its parameters, resharded, recovered by distillation and exported to HF, with a perplexity table and loss plot.
 # Without SmolLM2 (or with --model tiny) it trains a small LLaMA from the shipped text first and uses that.

@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--use-te", action="store_true", help="build Transformer Engine layers (GPU with TE only)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _read_meta(load: str):
@@ -66,7 +67,8 @@ def _run(args) -> int:
     windows = agree(read_windows, args.text_file, args.tokenizer or args.load, args.seq_length, args.max_tokens)
     info = init_model_parallel(meta.tp, meta.pp)
     model, meta = agree(load_model, args.load, info, seq_length=args.seq_length, use_te=args.use_te)
-    result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size)
+    result = evaluate_megatron(model, windows, meta.shape.vocab_size, args.micro_batch_size,
+                               progress=info.rank == 0 and not args.no_progress)
     if info.rank == 0:
         if args.json:
             print(json.dumps({"load": args.load, **result.to_dict()}))

@@ -1,1 +1,1 @@
-"""The end-to-end demo (README's main job): python -m megatron_prune.demo --help."""
+"""The end-to-end demo (`make demo`): python -m megatron_prune.demo --help."""

@@ -1,4 +1,4 @@
-"""python -m megatron_prune.demo [--quick] [--out DIR]: README's main job, end to end on CPU.
+"""python -m megatron_prune.demo [--quick] [--out DIR]: the pipeline end to end on CPU (`make demo`).
 
 Stages: get SmolLM2-135M offline -> convert to TP=3 shards -> held-out perplexity in megatron-core (torchrun) beside
 HF transformers -> export back to HF (bit-identical) -> prune about half the parameters under torchrun (activation
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import (StageError, StageLog, environment, last_json, numeric_env, run_cli,
-                                          threads_per_process, timed)
+                                          terminal, threads_per_process, timed)
 from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         mg = out / f"megatron-tp{args.tp}"
         timed(log, f"convert HF -> Megatron TP={args.tp}", lambda: run_cli(
             ["convert", "hf-to-megatron", "--hf-dir", str(hf_dir), "--save", str(mg), "--tp", str(args.tp),
-             "--dtype", "fp32", "--overwrite", "--no-progress"], log=logfile))
+             "--dtype", "fp32", "--overwrite"], log=logfile))
         mg_eval = timed(log, f"eval megatron-core (torchrun x{args.tp})", lambda: last_json(run_cli(
             ["eval", "--load", str(mg), "--text-file", str(heldout), "--seq-length", str(seq),
              "--max-tokens", str(tokens), "--json"], nproc=args.tp, log=logfile)),
@@ -119,13 +119,13 @@ def main(argv=None) -> int:
                        note=lambda r: f"ppl {r['perplexity']:.3f}")
         back = out / "hf-roundtrip"
         timed(log, "export Megatron -> HF", lambda: run_cli(
-            ["convert", "megatron-to-hf", "--load", str(mg), "--save", str(back), "--overwrite", "--no-progress"],
+            ["convert", "megatron-to-hf", "--load", str(mg), "--save", str(back), "--overwrite"],
             log=logfile))
         same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
                             note=lambda r: f"{r[0]}/{r[1]} bit-identical")
         recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, plan)
     except StageError as e:
-        print(f"demo failed: {e}", file=sys.stderr)
+        print(f"demo failed: {e}\nevery stage's full output: {logfile}", file=sys.stderr)
         return 1
     report(log, source, mg_eval, hf_res, same, total, out, recovery, args.quick)
     ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
@@ -154,12 +154,13 @@ def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tok
     recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 1, logfile, hf_dir),
                       note=lambda r: f"ppl {r['perplexity']:.2f}")
     timed(log, "export recovered -> HF", lambda: run_cli(
-        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite",
-         "--no-progress"], log=logfile))
+        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite"],
+        log=logfile))
     hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(out / "recovered-hf", heldout, 512, tokens),
                    note=lambda r: f"ppl {r['perplexity']:.2f}")
     try:
-        stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
+        with terminal.stage("plot loss curves"):  # not a row of the stage table: the README's has none
+            stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
     except StageError as e:
         print(f"[demo] no loss plot: {e}", file=sys.stderr)
     return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec,
@@ -178,6 +179,11 @@ def report(log: StageLog, source: str, mg_eval: dict, hf_res: dict, same: int, t
     print(text + "\n" + comparison)
     (out / "demo_report.md").write_text(text + "\n" + comparison + "\n")
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    plot = out / "loss_curve.png"
+    print("\n".join([f"Report:   {out / 'demo_report.md'} (numbers: {out / 'demo_results.json'})",
+                      f"Log:      {out / 'demo.log'} (every stage's full output)",
+                      f"Plot:     {plot if plot.exists() else 'none (no recovery training in this run)'}"]),
+          flush=True)
 
 
 if __name__ == "__main__":

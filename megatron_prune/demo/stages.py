@@ -51,7 +51,7 @@ def preprocess(train_jsonl: Path, tokenizer: Path, prefix: Path, log: Path) -> s
     # One worker: the shipped 340 KB tokenize in well under a second, and a worker pool takes longer to start
     # (measured 8.6 s for the whole stage with 1 worker, 17.0 s with 2).
     run_cli(["preprocess", "--input", str(train_jsonl), "--tokenizer", str(tokenizer), "--output-prefix",
-             str(prefix), "--append-eod", "--workers", "1", "--overwrite", "--no-progress"], log=log)
+             str(prefix), "--append-eod", "--workers", "1", "--overwrite"], log=log)
     return f"{prefix}_text_document"
 
 
@@ -62,7 +62,7 @@ def prune(teacher: Path, out: Path, plan: DemoPlan, calib: Path, log: Path, impo
     return last_json(run_cli(
         ["prune", "--load", str(teacher), "--save", str(out), "--importance", importance, "--prune-type", "balance",
          "--seed", str(seed), *(calib_args if importance == "activation" else []),
-         *plan.target_args(dropped_layers), "--width-multiple", "1", "--overwrite", "--no-progress", "--json"],
+         *plan.target_args(dropped_layers), "--width-multiple", "1", "--overwrite", "--json"],
         nproc=plan.tp, log=log))
 
 
@@ -73,7 +73,7 @@ def param_counts(before: Path, after: Path) -> dict:
 
 
 def reshard(src: Path, out: Path, tp: int, log: Path) -> None:
-    run_cli(["reshard", "--load", str(src), "--save", str(out), "--tp", str(tp), "--overwrite", "--no-progress"],
+    run_cli(["reshard", "--load", str(src), "--save", str(out), "--tp", str(tp), "--overwrite"],
             log=log)
 
 

@@ -75,14 +75,14 @@ def build_tiny_model(work: Path, hf_out: Path, train_jsonl: Path, log: Path, spe
     train_tokenizer(train_jsonl, init, spec.vocab)
     random_init(spec, init, AutoTokenizer.from_pretrained(init).eos_token_id)
     run_cli(["convert", "hf-to-megatron", "--hf-dir", str(init), "--save", str(work / "init-tp1"), "--tp", "1",
-             "--dtype", "fp32", "--overwrite", "--no-progress"], log=log)
+             "--dtype", "fp32", "--overwrite"], log=log)
     data = stages.preprocess(train_jsonl, init, work / "data" / "tiny", log)
     plan = stages.DemoPlan(train_iters=spec.pretrain_iters, seq_length=spec.seq_length,
                            global_batch=spec.global_batch, lr=spec.lr, eval_iters=1)
     stages.train(work / "init-tp1", None, data, init, work / "pretrained", plan, log)
     tmp = hf_out.parent / f".{hf_out.name}.tmp"
-    run_cli(["convert", "megatron-to-hf", "--load", str(work / "pretrained"), "--save", str(tmp), "--overwrite",
-             "--no-progress"], log=log)
+    run_cli(["convert", "megatron-to-hf", "--load", str(work / "pretrained"), "--save", str(tmp), "--overwrite"],
+            log=log)
     copy_tokenizer_files(init, tmp)
     shutil.rmtree(hf_out, ignore_errors=True)
     tmp.rename(hf_out)

@@ -24,14 +24,16 @@ class EvalResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "windows": self.windows}
 
 
-def evaluate_megatron(model, windows: torch.Tensor, true_vocab: int, micro_batch_size: int = 4) -> EvalResult:
-    """Mean next-token loss over `windows`, split across data-parallel ranks; the result is known on every rank."""
+def evaluate_megatron(model, windows: torch.Tensor, true_vocab: int, micro_batch_size: int = 4,
+                      progress: bool = False) -> EvalResult:
+    """Mean next-token loss over `windows`, split across data-parallel ranks; the result is known on every rank.
+    `progress`: a progress bar over this rank's batches."""
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = micro_batches(windows[dp_rank::dp], micro_batch_size)
     model.eval()
-    results = forward_batches(model, batches, true_vocab) if batches else []
+    results = forward_batches(model, batches, true_vocab, progress=progress) if batches else []
     loss, tokens = mean_loss(results)
     return EvalResult(loss=loss, tokens=tokens, windows=len(windows))
 

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_prune.checkpoint import layout
 
@@ -70,12 +71,12 @@ def gather_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :true_vocab]
 
 
-def forward_batches(model, batches: Iterable[torch.Tensor], true_vocab: int, keep_logits: bool = False
-                    ) -> list[dict]:
+def forward_batches(model, batches: Iterable[torch.Tensor], true_vocab: int, keep_logits: bool = False,
+                    progress: bool = False) -> list[dict]:
     """Run each [b, s+1] token batch (inputs = [:, :-1], labels = [:, 1:]) through the model, forward only.
 
     Returns, on the last pipeline stage, one dict per batch: loss_sum, tokens (and full logits if asked);
-    an empty list on other stages."""
+    an empty list on other stages. `progress`: a progress bar over the batches (on the ranks that ask)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = list(batches)
@@ -97,10 +98,14 @@ def forward_batches(model, batches: Iterable[torch.Tensor], true_vocab: int, kee
 
         return out, loss_func
 
-    with torch.no_grad():
-        return list(get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
-            seq_length=s1 - 1, micro_batch_size=b, forward_only=True))
+    bar = tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            return list(get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(bar), model=model, num_microbatches=len(batches),
+                seq_length=s1 - 1, micro_batch_size=b, forward_only=True))
+    finally:
+        bar.close()
 
 
 def mean_loss(results: list[dict], dp_group=None, src_last_stage: bool = True) -> tuple[float, int]:

@@ -4,6 +4,7 @@ rendering, a run's comparison reads it, and every process the demo starts has fi
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 from pathlib import Path
@@ -63,12 +64,19 @@ def test_every_stage_process_gets_the_same_thread_settings(monkeypatch, cores, c
     seen = []
 
     class Done:
-        returncode, stdout, stderr = 0, "", ""
+        """A finished stage process with no output (run_cli streams it through Popen's pipes)."""
+
+        def __init__(self, cmd, **kw):
+            seen.append(kw["env"])
+            self.stdout, self.stderr = io.BufferedReader(io.BytesIO()), io.BufferedReader(io.BytesIO())
+
+        def wait(self):
+            return 0
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     if caller:
         monkeypatch.setenv("OMP_NUM_THREADS", caller)
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or Done())
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Done)
     for nproc in (0, 1, 2, 3):
         pipeline.run_cli(["eval"], nproc=nproc)
     assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in seen] == [("2", "2"), ("2", "2"),
