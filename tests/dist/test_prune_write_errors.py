@@ -31,7 +31,7 @@ def tp2(tmp_path_factory) -> Path:
 def prune_with(mode: str, load: Path, save: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_prune.cli.launch", "--standalone", "--nproc-per-node", "2",
                            "-m", "tests.dist.prune_write_cases", mode, "--load", str(load), "--save", str(save),
-                           "--ffn-hidden-size-remain", "48", "--no-progress"],
+                           "--ffn-hidden-size-remain", "48", "--importance", "magnitude", "--no-progress"],
                           capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
 
 

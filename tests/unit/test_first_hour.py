@@ -185,7 +185,7 @@ def test_norm_epsilon_prints_as_the_config_says(tmp_path):
     make_hf_model(tmp_path / "hf", num_hidden_layers=2, rms_norm_eps=9.999999747378752e-06)
     save_tiny_tokenizer(tmp_path / "hf")
     hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tp=1, pp=1, progress=False)
-    flags = dict((f[0], f[1:]) for f in pretrain_gpt_flags(tmp_path / "mg"))
+    flags = dict((f[0], f[1:]) for f in pretrain_gpt_flags(tmp_path / "mg")[0])
     assert flags["--norm-epsilon"] == ["1e-05"]
 
 
