@@ -18,7 +18,7 @@ import torch
 from megatron_prune.checkpoint import megatron_io as mio
 from megatron_prune.demo import pipeline, stages
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # two recovery stages
 SAMPLES = Path(__file__).resolve().parents[2] / "megatron_prune" / "data" / "samples"
 PLAN = stages.DemoPlan(tp=1, train_iters=6, seq_length=32, global_batch=8, lr=3e-3, eval_iters=1)
 

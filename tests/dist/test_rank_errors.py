@@ -95,6 +95,7 @@ def test_train_script_names_the_truncated_rank_1_file(ws, tmp_path):  # noqa: F8
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_resume_at_another_dp_size_is_one_line(ws, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     args = train_args(ws["root"] / "tp1", run, ws["data"], "--use-distributed-optimizer")
@@ -137,7 +138,7 @@ def test_training_aborted_on_non_finite_steps_is_one_line_exit_2(ws, tmp_path): 
     assert "without a report" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("fault", ["bug", "enospc"])
+@pytest.mark.parametrize("fault", ["bug", pytest.param("enospc", marks=pytest.mark.slow)])
 def test_fault_in_the_train_writer_on_rank_1(ws, tmp_path, fault):  # noqa: F811
     """The contract for the train writer, from a rank that is not rank 0: a programming error inside the
     rank-file write keeps its traceback (once) and exits 1; a full disk there is one line naming the file, exit 2;

@@ -20,7 +20,7 @@ from megatron_prune.testing import run_distributed
 from tests.helpers import make_hf_model, save_tiny_tokenizer
 from tests.unit.test_search_space import brute_force
 
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(1800)]  # see the fixture
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1800)]  # see the fixture; slow: ~1-2 min
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. The quick brown fox "
         "jumps over the lazy dog. ") * 120
 TOY = dict(num_hidden_layers=6, hidden_size=64, intermediate_size=192, num_attention_heads=8, num_key_value_heads=4,

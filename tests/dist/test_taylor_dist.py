@@ -117,6 +117,7 @@ def write_indexed(prefix, n: int) -> None:
     builder.finalize(f"{prefix}.idx")
 
 
+@pytest.mark.slow  # two CLI prunes; the scores themselves are compared with HF autograd above
 def test_taylor_plan_via_cli_is_the_same_at_tp1_and_tp2(world):
     root = world["root"]
     hf_to_megatron(root / "untied", root / "untied-tp1", tp=1, progress=False)

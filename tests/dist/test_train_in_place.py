@@ -34,6 +34,7 @@ def tensor_dtypes(rank_file: Path) -> set[str]:
     return {str(v.dtype).removeprefix("torch.") for v in sd.values() if isinstance(v, torch.Tensor) and v.dim() == 2}
 
 
+@pytest.mark.slow  # extending a run in place (the next test) covers the same path
 def test_training_in_place_twice(ws, tmp_path):  # noqa: F811
     ckpt = tmp_path / "x"
     shutil.copytree(ws["root"] / "tp1", ckpt)

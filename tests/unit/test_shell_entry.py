@@ -187,6 +187,7 @@ def _torchrun_nproc(*args: str, **settings: str) -> int:
     return int(words[words.index("--nproc-per-node") + 1])
 
 
+@pytest.mark.slow  # four full prelaunch checks
 def test_train_recovery_process_count(ckpt_tp2, data, tmp_path):
     """Without NPROC and without CUDA: tp x pp processes (from the checkpoint, the arguments or the --config file);
     DRY_RUN=1 checks everything and prints the torchrun command."""
