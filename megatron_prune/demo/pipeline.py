@@ -6,13 +6,13 @@ user-facing entry points, not a private shortcut.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_prune.compress.runner import StageError, cli_command, last_json, run_command
+
+__all__ = ["StageError", "last_json", "run_cli", "timed"]
 
 
 @dataclass
@@ -23,10 +23,6 @@ class StageLog:
         self.rows.append((name, seconds, note))
         print(f"[demo] {name}: {seconds:.1f} s {note}", flush=True)
 
-
-
-class StageError(RuntimeError):
-    pass
 
 
 # Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction
@@ -81,28 +77,10 @@ def _read(path: str) -> str:
 
 
 def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict | None = None) -> str:
-    """Run `python -m megatron_prune ARGS` (under torchrun when nproc > 0); return stdout, raise with the tail."""
-    cmd = [sys.executable, "-m", "megatron_prune", *args]
-    if nproc:
-        # cli.launch = torchrun, minus torchrun's traceback wall when a worker already said what went wrong
-        cmd = [sys.executable, "-m", "megatron_prune.cli.launch", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_prune", *args]
-    full_env = {**os.environ, **numeric_env(nproc), "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
-    if proc.returncode != 0:
-        raise StageError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def last_json(stdout: str) -> dict:
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise StageError(f"no JSON result in output:\n{stdout[-2000:]}")
+    """Run `python -m megatron_prune ARGS` (under torchrun when nproc > 0) with the demo's fixed arithmetic
+    (numeric_env); return stdout, raise with the tail (the runner compress uses too)."""
+    cmd = cli_command(args, nproc)
+    return run_command(cmd, {**numeric_env(nproc), "PYTHONWARNINGS": "ignore", **(env or {})}, log).stdout
 
 
 def timed(log: StageLog, name: str, fn, note=None):
