@@ -52,7 +52,7 @@ def _run_stage(stage: Stage, stage_dir: Path, fp: str, out: Path, env: dict, kee
     say(f"{stage.name}: start (job at {time.perf_counter() - t0:.1f} s)")
     start, peak, results = time.perf_counter(), 0, []
     if stage.kind == "publish":
-        _publish(out)
+        _publish(Path(stage.publish), out)
     for cmd in stage.commands:
         launch = (["--nproc", str(cmd.nproc)] if cmd.nproc else []) if cmd.torchrun else None
         done = run_command(cli_command(list(cmd.args), prelaunch=launch), env, stage_dir / "log.txt", stream=True)
@@ -68,11 +68,10 @@ def _run_stage(stage: Stage, stage_dir: Path, fp: str, out: Path, env: dict, kee
     return record
 
 
-def _publish(out: Path) -> None:
+def _publish(exported: Path, out: Path) -> None:
     """OUT/hf: a copy of the exported recovered model, put in place by one rename."""
     from megatron_prune.checkpoint.atomic import fsync_tree, swap_into_place, temp_name
 
-    exported = next(p for p in sorted((out / "stages").glob("*-export")) if p.is_dir()) / "hf"
     final = out / "hf"
     tmp = out / temp_name("hf")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ class Stage:
     outputs: dict[str, str] = field(default_factory=dict)   # role -> path written by this stage
     inputs: tuple[str, ...] = ()   # files / directories from outside the job (their size and mtime count)
     resumable: bool = False        # its command resumes from its own partial output (train)
+    publish: str | None = None     # publish: the exported HF directory copied to OUT/hf
 
     @property
     def dir_name(self) -> str:
@@ -42,10 +43,11 @@ class _Builder:
         self.root = Path(recipe.save) / "stages"
 
     def add(self, name: str, kind: str, commands: list[Command], outputs: dict[str, Path], inputs=(),
-            resumable=False) -> dict[str, str]:
+            resumable=False, publish=None) -> dict[str, str]:
         full = f"{len(self.stages) + 1:02d}-{name}"
         outs = {k: str(self.root / full / v) for k, v in outputs.items()}
-        self.stages.append(Stage(full, kind, tuple(commands), outs, tuple(str(i) for i in inputs), resumable))
+        self.stages.append(Stage(full, kind, tuple(commands), outs, tuple(str(i) for i in inputs), resumable,
+                                 publish))
         return outs
 
     def out(self, name: str) -> Path:
@@ -70,7 +72,7 @@ def build_stages(recipe: Recipe, source_params: int, data_is_file: tuple[bool, .
         student = _train(b, student, teacher, data, iters[k - 1], k)
     exported = _export(b, pruned, student)
     _evaluate(b, {"original": b.stages[0].outputs["ckpt"], "pruned": pruned, "recovered": student})
-    b.add("publish", "publish", [], {})
+    b.add("publish", "publish", [], {}, publish=exported)
     return b.stages
 
 

@@ -17,7 +17,7 @@ MARKER = "stage.json"
 def fingerprint(stage: Stage, upstream: str) -> str:
     """sha256 over the commands, the previous stage's fingerprint and the outside inputs' sizes and mtimes."""
     body = {"name": stage.name, "commands": [[list(c.args), c.torchrun, c.nproc] for c in stage.commands],
-            "upstream": upstream, "inputs": [_identity(Path(p)) for p in stage.inputs]}
+            "upstream": upstream, "publish": stage.publish, "inputs": [_identity(Path(p)) for p in stage.inputs]}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -68,7 +68,8 @@ def test_every_stage_process_gets_the_same_thread_settings(monkeypatch, cores, c
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     if caller:
         monkeypatch.setenv("OMP_NUM_THREADS", caller)
-    monkeypatch.setattr(pipeline, "run_command", lambda cmd, env, log=None: seen.append({**os.environ, **env}) or Done())
+    monkeypatch.setattr(pipeline, "run_command",
+                        lambda cmd, env, log=None: seen.append({**os.environ, **env}) or Done())
     for nproc in (0, 1, 2, 3):
         pipeline.run_cli(["eval"], nproc=nproc)
     assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in seen] == [("2", "2"), ("2", "2"),
