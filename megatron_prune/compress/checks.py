@@ -98,7 +98,7 @@ def _check_training(args, cmd: Command, recipe: Recipe) -> None:
     cfg.layout(nproc)
     ready = [p for p in cfg.data_path if Path(p + ".bin").is_file()]
     if ready:
-        check_data_paths(cfg.replace(data_path=tuple(ready), data_cache_path=None, save=None))
+        check_data_paths(cfg.replace(data_path=tuple(ready)))
 
 
 def _check_eval_text(args, recipe: Recipe) -> None:
