@@ -23,7 +23,7 @@
 #   --nproc              NPROC              training processes per node                  [the node's GPUs, else TRAIN_TP]
 #   --eval-max-tokens    EVAL_MAX_TOKENS    held-out tokens evaluated at most            [all]
 #   --config             CONFIG             YAML / JSON recipe of these settings         []
-#   --convert-args ... --eval-args  CONVERT_ARGS PRUNE_ARGS RESHARD_ARGS TRAIN_ARGS EXPORT_ARGS EVAL_ARGS
+#   --convert-args ... --eval-args  CONVERT_ARGS PREPROCESS_ARGS PRUNE_ARGS RESHARD_ARGS TRAIN_ARGS EXPORT_ARGS EVAL_ARGS
 #                                           more options of one stage, one quoted string []
 #                        OMP_NUM_THREADS    CPU threads per process                      [1]
 #                        PYTHON             Python interpreter [the repository's .venv, else python3]
@@ -52,6 +52,7 @@ mp_flag --nproc NPROC
 mp_flag --eval-max-tokens EVAL_MAX_TOKENS
 mp_flag --config CONFIG
 mp_flag --convert-args CONVERT_ARGS
+mp_flag --preprocess-args PREPROCESS_ARGS
 mp_flag --prune-args PRUNE_ARGS
 mp_flag --reshard-args RESHARD_ARGS
 mp_flag --train-args TRAIN_ARGS

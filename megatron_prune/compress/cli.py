@@ -37,7 +37,7 @@ OPTIONS: dict[str, tuple[dict, str]] = {
     "nproc": ({"type": int}, "training processes per node (default: the node's GPUs, else --train-tp)"),
     "eval-max-tokens": ({"type": int}, "evaluate at most this many held-out tokens (default: all)"),
 }
-STAGE_ARGS = ("convert", "prune", "reshard", "train", "export", "eval")
+STAGE_ARGS = ("convert", "preprocess", "prune", "reshard", "train", "export", "eval")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

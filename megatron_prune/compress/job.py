@@ -11,7 +11,8 @@ from pathlib import Path
 
 from megatron_prune.compress.plan import Stage
 from megatron_prune.compress.runner import cli_command, last_json, run_command
-from megatron_prune.compress.state import changed_options, fingerprint, read_marker, write_marker
+from megatron_prune.compress.state import (MARKER, changed_options, fingerprint, read_marker, started_fingerprint,
+                                           write_marker, write_started)
 
 # Thread counts fixed per process: a kernel's reduction order may follow the thread count, and a resumed
 # training run must compute what an uninterrupted one does (the user's own setting wins).
@@ -38,17 +39,29 @@ def run_stages(stages: list[Stage], out: Path) -> list[dict]:
             if old is not None and not redo:
                 say(f"{stage.name}: changed since the last run ({changed_options(old, stage)}): redoing it and the "
                     f"{len(stages) - i - 1} stages after it")
+            # a partial output is resumed only by the first stage to run: after it, every input is new
+            keep = stage.resumable and not redo and _started(stage_dir) == fp
             redo = True
-            old = _run_stage(stage, stage_dir, fp, out, env, keep=stage.resumable and old is None, t0=t0)
+            old = _run_stage(stage, stage_dir, fp, out, env, keep=keep, t0=t0)
         records.append(old)
         upstream = fp
     return records
+
+
+def _started(stage_dir: Path) -> str | None:
+    """The fingerprint an unfinished run of this stage started with: its partial output is resumed only when the
+    stage is the same one (same commands, same upstream)."""
+    return started_fingerprint(stage_dir)
 
 
 def _run_stage(stage: Stage, stage_dir: Path, fp: str, out: Path, env: dict, keep: bool, t0: float) -> dict:
     if stage_dir.exists() and not keep:  # a changed or unfinished stage starts afresh (train resumes instead)
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if keep:
+        say(f"{stage.name}: resuming its unfinished run in {stage_dir}")
+    (stage_dir / MARKER).unlink(missing_ok=True)
+    write_started(stage_dir, fp)
     say(f"{stage.name}: start (job at {time.perf_counter() - t0:.1f} s)")
     start, peak, results = time.perf_counter(), 0, []
     if stage.kind == "publish":

@@ -84,7 +84,8 @@ def _data_prefixes(b: _Builder) -> list[str]:
         prefix = b.out("preprocess") / "train"
         b.add("preprocess", "preprocess", [Command(
             ("preprocess", "--input", *files, "--tokenizer", r.hf_dir, "--output-prefix", str(prefix),
-             "--append-eod", "--workers", "1", "--no-progress"))], {"prefix": "train_text_document"}, inputs=files)
+             "--append-eod", "--workers", "1", "--no-progress", *r.preprocess_args))],
+            {"prefix": "train_text_document"}, inputs=files)
         prefixes.append(f"{prefix}_text_document")
     return prefixes
 

@@ -14,7 +14,8 @@ from megatron_prune.errors import InputError as ConfigError
 
 # Stages whose own options pass through untouched: `--prune-args "--importance taylor"` or, in a recipe,
 # `prune_args: [--importance, taylor]`. Each list is parsed by that stage's own parser before anything runs.
-PASS_THROUGH = ("convert_args", "prune_args", "reshard_args", "train_args", "export_args", "eval_args")
+PASS_THROUGH = ("convert_args", "preprocess_args", "prune_args",
+                "reshard_args", "train_args", "export_args", "eval_args")
 PATHS = ("hf_dir", "save", "calib_data", "eval_data")
 
 
@@ -37,6 +38,7 @@ class Recipe:
     nproc: int | None = None           # training processes per node (default: the node's GPUs, else train_tp)
     eval_max_tokens: int | None = None
     convert_args: tuple[str, ...] = ()
+    preprocess_args: tuple[str, ...] = ()
     prune_args: tuple[str, ...] = ()
     reshard_args: tuple[str, ...] = ()
     train_args: tuple[str, ...] = ()

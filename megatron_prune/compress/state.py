@@ -12,6 +12,7 @@ from pathlib import Path
 from megatron_prune.compress.plan import Stage
 
 MARKER = "stage.json"
+STARTED = "started.json"   # written when a stage starts: which fingerprint its partial output belongs to
 
 
 def fingerprint(stage: Stage, upstream: str) -> str:
@@ -45,6 +46,19 @@ def write_marker(stage_dir: Path, record: dict) -> None:
     from megatron_prune.checkpoint.atomic import atomic_write_text
 
     atomic_write_text(stage_dir / MARKER, json.dumps(record, indent=1) + "\n")
+
+
+def write_started(stage_dir: Path, fp: str) -> None:
+    from megatron_prune.checkpoint.atomic import atomic_write_text
+
+    atomic_write_text(stage_dir / STARTED, json.dumps({"fingerprint": fp}) + "\n")
+
+
+def started_fingerprint(stage_dir: Path) -> str | None:
+    try:
+        return json.loads((stage_dir / STARTED).read_text())["fingerprint"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
 
 
 def changed_options(old: dict, stage: Stage) -> str:
