@@ -130,7 +130,10 @@ def _train(b: _Builder, student: str, teacher: str, data: list[str], iters: int,
     micro = ["--micro-batch-size", str(r.micro_batch_size)] if r.micro_batch_size else []
     args = ("train", "--load", student, "--save", str(b.out(name) / "ckpt"), "--teacher-load", teacher,
             "--data-path", *data, "--tp", str(r.training_tp), "--train-iters", str(iters), "--seq-length",
-            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro, *r.train_args)
+            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro,
+            # validation inside training off: the eval stage measures every model on --eval-data (give
+            # --train-args "--eval-iters N" for it; a later flag wins)
+            "--eval-iters", "0", *r.train_args)
     return b.add(name, "train", [Command(args, torchrun=True, nproc=r.nproc)], {"ckpt": "ckpt"},
                  resumable=True)["ckpt"]
 
