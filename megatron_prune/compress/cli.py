@@ -21,7 +21,7 @@ from megatron_prune.errors import UserError
 OPTIONS: dict[str, tuple[dict, str]] = {
     "hf-dir": ({}, "HF LLaMA directory (config.json, weights, tokenizer) [required]"),
     "save": ({}, "job directory: stages/, hf/, report.json, report.md, recipe.yaml, loss.png [required]"),
-    "target-params": ({}, "parameters to keep: a count (6.4e7) or a share of the source's (50%)"),
+    "target-params": ({}, "parameters to keep: a count (6.4e7) or a share of the source's (50%%)"),
     "target-memory-gb": ({}, "GiB of bf16 weights + KV cache (see `prune --help`)"),
     "tp": ({"type": int}, "tensor-parallel size of conversion and pruning (default 1)"),
     "train-tp": ({"type": int}, "tensor-parallel size of training and evaluation (default: --tp)"),

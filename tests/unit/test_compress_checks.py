@@ -93,3 +93,9 @@ def test_steps_reach_the_budget_geometrically(hf):
     assert targets == ["500", "250"]  # 1000 x 0.25^(1/2), then 1000 x 0.25
     iters = [s.commands[0].args[s.commands[0].args.index("--train-iters") + 1] for s in stages if s.kind == "train"]
     assert iters == ["2", "2"]
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_command("compress", ["--help"])
+    assert e.value.code == 0 and "--target-params" in capsys.readouterr().out
