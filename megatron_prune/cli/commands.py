@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("megatron_prune.cli.plot", "draw loss-vs-tokens curves from metrics.jsonl files"),
     "vocab-freq": ("megatron_prune.cli.vocab_freq", "count token frequencies of a corpus"),
     "prune-vocab": ("megatron_prune.cli.prune_vocab", "prune to an N-token vocabulary: tokenizer + embeddings"),
+    "compress": ("megatron_prune.compress.cli",
+                 "HF model -> pruned to a budget, recovered by distillation, exported and evaluated; resumable"),
     "megatron-lm-args": ("megatron_prune.cli.megatron_lm_args",
                          "print the Megatron-LM pretrain_gpt.py flags that load a checkpoint as the model it is"),
 }

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from megatron_prune.compress.runner import StageError
+
+__all__ = ["StageError", "last_json", "run_cli", "timed"]
+
 
 @dataclass
 class StageLog:
@@ -85,10 +89,6 @@ class Terminal:
 
 
 terminal = Terminal()
-
-
-class StageError(RuntimeError):
-    pass
 
 
 # Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction

@@ -17,7 +17,8 @@ SHELL = sorted([*ROOT.glob("tools/*.sh"), *ROOT.glob("scripts/*.sh"), *ROOT.glob
 
 
 def test_docker_and_slurm_files_exist():
-    for rel in ("Dockerfile", "docker/build.sh", "docker/run.sh", "docker/slurm_recovery.sbatch"):
+    for rel in ("Dockerfile", "docker/build.sh", "docker/run.sh", "docker/slurm_recovery.sbatch",
+                "docker/slurm_compress.sbatch"):
         assert (ROOT / rel).is_file(), rel
 
 
