@@ -32,7 +32,8 @@ def test_comparison_says_same_or_names_what_differs():
     run["recovery"]["recovered"]["perplexity"] = 257.15
     text, same = report.compare(run, ref)
     assert not same
-    assert "| recovered perplexity | 257.15 | 107.62 | DIFFERS |" in text
+    readme_ppl = ref["full"]["recovery"]["recovered"]["perplexity"]
+    assert f"| recovered perplexity | 257.15 | {readme_ppl:.2f} | DIFFERS |" in text
     assert "1 of 7 numbers differ from the README's" in text and "recovered perplexity." in text
     quick = copy.deepcopy(ref["quick"])
     text, same = report.compare(quick, ref)
@@ -54,7 +55,8 @@ def test_taking_a_run_rewrites_reference_and_readme_together(tmp_path, monkeypat
     assert reference.main([str(tmp_path / "demo_results.json"), "--readme", str(readme)]) == 0
     taken = json.loads(ref_file.read_text())["full"]
     assert taken["recovery"]["recovered"]["perplexity"] == 99.5 and "seeded_from_readme" not in taken
-    assert "| 64,047,840 | 4.6786 | 99.50 |" in readme.read_text()
+    loss = run["recovery"]["recovered"]["loss"]  # the row keeps the run's loss beside the new perplexity
+    assert f"| 64,047,840 | {loss:.4f} | 99.50 |" in readme.read_text()
     assert reference.main(["--check", "--readme", str(readme)]) == 0
 
 
