@@ -114,6 +114,7 @@ def test_the_chosen_loss_matches_transformers_on_the_hf_export(world, tmp_path):
     assert abs(chosen - ref) <= 1e-4 * abs(ref), (chosen, ref)
 
 
+@pytest.mark.slow  # a full CLI search; the in-memory search and its report are tested above
 def test_cli_prints_the_table_and_refuses_too_little_held_out_text(world, tmp_path):
     root, case = world["root"], world["cases"]["activation"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

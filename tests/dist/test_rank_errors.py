@@ -128,6 +128,7 @@ def test_usage_error_under_the_script_is_one_line(ws, tmp_path):  # noqa: F811
     assert "without a report" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_training_aborted_on_non_finite_steps_is_one_line_exit_2(ws, tmp_path):  # noqa: F811
     """TrainingAborted is a user error like any other: one line from rank 0, exit 2 through dist_entry (was: exit 1,
     33 lines and a false `rank 1 exited without a report`)."""

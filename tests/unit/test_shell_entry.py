@@ -127,6 +127,7 @@ def _tokens(stdout: str) -> int:
     return int(stdout.split(" sequences, ")[1].split(" tokens")[0])
 
 
+@pytest.mark.slow  # full runs through the script; the README walk (slow) runs it too
 def test_preprocess(tmp_path):
     from tests.helpers import save_tiny_tokenizer
 
@@ -147,6 +148,7 @@ def test_preprocess(tmp_path):
     assert _tokens(flags.stdout) == _tokens(env.stdout) == _tokens(both.stdout) + 5
 
 
+@pytest.mark.slow  # full runs through the script; the README walk (slow) runs it too
 def test_prune(ckpt_tp2, tmp_path):
     """TP comes from the checkpoint (2 processes) unless --tp / TP says it; the flag's sizes win."""
     run("scripts/prune_llama.sh", "--load", ckpt_tp2, "--save", tmp_path / "flags", "--ffn-hidden-size-remain", "48",
@@ -240,6 +242,7 @@ def test_missing_checkpoint_is_named(tmp_path, data):
             f"error: {tmp_path / 'empty'}: not a checkpoint (no tracker file latest_checkpointed_iteration.txt)")
 
 
+@pytest.mark.slow  # full runs through the script; the README walk (slow) runs it too
 def test_train_two_iterations(ckpt_tp2, data, tmp_path):
     """On CPU the defaults are CPU-sized (sequence 256, fp32, 2 evaluation batches): two iterations of a small
     model through the script train, evaluate, save, and say so on stderr without third-party warnings."""
@@ -257,6 +260,7 @@ def assert_quiet(stderr: str) -> None:
     assert not noise, stderr
 
 
+@pytest.mark.slow  # full runs through the script; the README walk (slow) runs it too
 def test_eval_script(ckpt_tp2, tmp_path):
     """scripts/eval.sh: the checkpoint's tp x pp processes through the quiet launcher; a missing input is one line
     naming the flag and its variable."""
@@ -415,6 +419,7 @@ def test_outside_the_venv_every_entry_says_how_to_run_it(tmp_path):
                 f"error: PYTHON={python} cannot import torch")
 
 
+@pytest.mark.slow  # full runs through the script; the README walk (slow) runs it too
 def test_ckpt_format_variable(ckpt_tp2, hf, data, tmp_path):
     """CKPT_FORMAT= like every other variable: transfer.sh writes torch_dist from it, a flag wins over it, and
     train_recovery.sh passes it to `train`."""
