@@ -5,7 +5,7 @@
 
 All variants share the demo's pruned shape (30 -> 20 layers, hidden 576 -> 480, heads 9 -> 6 in 3 groups,
 FFN 1536 -> 1020; 134.5M -> 64.0M parameters) and the same recovery recipe and token budget (the demo's:
-2 data-parallel ranks, global batch 8 x 128 tokens, AdamW lr 1e-3 cosine to 1e-4, fp32):
+2 data-parallel ranks, global batch 8 x 128 tokens, AdamW lr 5e-4 cosine to 5e-5, fp32):
   (a) importance: random vs magnitude vs activation, right after pruning and after distillation;
   (b) recovery loss: LM loss vs distillation from the unpruned teacher (activation-pruned start);
   (c) initialisation: the activation-pruned weights vs the same shape initialised at random (std 0.02).
