@@ -4,9 +4,9 @@ rendering, a run's comparison reads it, and every process the demo starts has fi
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,25 +62,17 @@ def test_taking_a_run_rewrites_reference_and_readme_together(tmp_path, monkeypat
 
 @pytest.mark.parametrize("cores,caller", [(2, None), (16, "4"), (1, "8")])
 def test_every_stage_process_gets_the_same_thread_settings(monkeypatch, cores, caller):
-    """Thread counts no longer follow the machine's core count or the caller's environment."""
-    seen = []
-
-    class Done:
-        """A finished stage process with no output (run_cli streams it through Popen's pipes)."""
-
-        def __init__(self, cmd, **kw):
-            seen.append(kw["env"])
-            self.stdout, self.stderr = io.BufferedReader(io.BytesIO()), io.BufferedReader(io.BytesIO())
-
-        def wait(self):
-            return 0
-
+    """Thread counts no longer follow the machine's core count or the caller's environment: each stage process
+    (here a Python that prints its environment, started by the demo's run_cli through compress's runner) gets the
+    demo's settings for its process count."""
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     if caller:
         monkeypatch.setenv("OMP_NUM_THREADS", caller)
-    monkeypatch.setattr(pipeline.subprocess, "Popen", Done)
+    show_env = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    monkeypatch.setattr(pipeline, "cli_command", lambda args, nproc: show_env)
+    seen = []
     for nproc in (0, 1, 2, 3):
-        pipeline.run_cli(["eval"], nproc=nproc)
+        seen.append(json.loads(pipeline.run_cli(["eval"], nproc=nproc)))
     assert [(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in seen] == [("2", "2"), ("2", "2"),
                                                                                  ("1", "1"), ("1", "1")]
     assert all(env["MKL_DYNAMIC"] == env["OMP_DYNAMIC"] == "FALSE" for env in seen)
