@@ -81,6 +81,7 @@ class TrainConfig:
     tokenizer: str | None = None         # default: the tokenizer files inside --load
     eod_mask_loss: bool = False
     seed: int = 1234
+    skip_samples: int = 0                # start at this sample of the data order (continue another run's data)
     # --- evaluation and logging
     eval_interval: int = 0               # 0: evaluate only at the end
     eval_iters: int = 10                 # validation batches per evaluation (0: never evaluate)
@@ -109,7 +110,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("save_interval", "keep_last", "exit_interval", "lr_warmup_iters", "eval_interval",
-                     "eval_iters"):
+                     "eval_iters", "skip_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.train_iters is None and self.train_tokens is None:
