@@ -69,7 +69,7 @@ def build_stages(recipe: Recipe, source_params: int, data_is_file: tuple[bool, .
         student = pruned
         if k == 1 and r.training_tp != r.tp:
             student, teacher = _reshard(b, pruned, teacher)
-        student = _train(b, student, teacher, data, iters[k - 1], k)
+        student = _train(b, student, teacher, data, iters[k - 1], k, skip=sum(iters[:k - 1]) * r.global_batch_size)
     exported = _export(b, pruned, student)
     _evaluate(b, {"original": b.stages[0].outputs["ckpt"], "pruned": pruned, "recovered": student})
     b.add("publish", "publish", [], {}, publish=exported)
@@ -124,13 +124,16 @@ def _reshard(b: _Builder, student: str, teacher: str) -> tuple[str, str]:
     return outs["student"], outs["teacher"]
 
 
-def _train(b: _Builder, student: str, teacher: str, data: list[str], iters: int, k: int) -> str:
+def _train(b: _Builder, student: str, teacher: str, data: list[str], iters: int, k: int, skip: int) -> str:
+    """Round k's recovery; its data continues where the previous rounds' stopped (`skip` samples), so K rounds
+    read the same token stream as one run of all the iterations (not the first rounds' samples again)."""
     r = b.r
     name = "train" if r.steps == 1 else f"train-{k}"
     micro = ["--micro-batch-size", str(r.micro_batch_size)] if r.micro_batch_size else []
+    skipped = ["--skip-samples", str(skip)] if skip else []
     args = ("train", "--load", student, "--save", str(b.out(name) / "ckpt"), "--teacher-load", teacher,
             "--data-path", *data, "--tp", str(r.training_tp), "--train-iters", str(iters), "--seq-length",
-            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro,
+            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro, *skipped,
             # validation inside training off: the eval stage measures every model on --eval-data (give
             # --train-args "--eval-iters N" for it; a later flag wins)
             "--eval-iters", "0", *r.train_args)
