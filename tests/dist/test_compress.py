@@ -41,13 +41,14 @@ def make_inputs(root: Path) -> dict[str, Path]:
 
 
 def compress(inputs: dict[str, Path], out: Path, iters: int = 2, train_args: str = "--log-interval 1",
-             **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """scripts/compress.sh with some settings as variables and the others as flags."""
+             extra: tuple[str, ...] = (), **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """scripts/compress.sh with some settings as variables and the others as flags (`extra`: more flags, which
+    win over the variables)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_DIR": str(inputs["hf"]),
            "TARGET_PARAMS": "50%", "TP": "2", "TRAIN_ITERS": str(iters), "PRUNE_ARGS": PRUNE_ARGS}
     cmd = ["bash", str(ROOT / "scripts" / "compress.sh"), "--save", str(out), "--train-data", str(inputs["train"]),
            "--eval-data", str(inputs["eval"]), "--calib-data", str(inputs["train"]), "--seq-length", str(SEQ),
-           "--global-batch-size", "4", "--eval-max-tokens", str(EVAL_TOKENS), "--train-args", train_args]
+           "--global-batch-size", "4", "--eval-max-tokens", str(EVAL_TOKENS), "--train-args", train_args, *extra]
     if popen:
         return subprocess.Popen(cmd, env=env, **popen)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
