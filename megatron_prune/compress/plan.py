@@ -106,12 +106,15 @@ def round_target(r: Recipe, source_params: int, k: int) -> list[str]:
 
 
 def _prune(b: _Builder, load: str, k: int) -> str:
+    """Round k's prune. From round 2 on, the drop limits (--max-depth-drop / --max-width-drop) are measured from
+    the source model, not from the previous round's: the rounds together stay within them, as one prune does."""
     r = b.r
     name = "prune" if r.steps == 1 else f"prune-{k}"
     calib = ["--calib-data", r.calib_data] if r.calib_data else []
+    limits = ["--limits-of", r.hf_dir] if k > 1 else []
     return b.add(name, "prune", [Command(
         ("prune", "--load", load, "--save", str(b.out(name) / "ckpt"), *round_target(r, b.p0, k), *calib,
-         "--no-progress", "--json", *r.prune_args), torchrun=True)],
+         *limits, "--no-progress", "--json", *r.prune_args), torchrun=True)],
         {"ckpt": "ckpt"}, inputs=[r.calib_data] if r.calib_data else [])["ckpt"]
 
 

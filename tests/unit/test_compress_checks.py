@@ -94,6 +94,9 @@ def test_steps_reach_the_budget_geometrically(hf):
     targets = [s.commands[0].args[s.commands[0].args.index("--target-params") + 1] for s in stages
                if s.kind == "prune"]
     assert targets == ["500", "250"]  # 1000 x 0.25^(1/2), then 1000 x 0.25
+    # round 2's drop limits are measured from the source, so that both rounds stay within them together
+    prunes = [s.commands[0].args for s in stages if s.kind == "prune"]
+    assert "--limits-of" not in prunes[0] and prunes[1][prunes[1].index("--limits-of") + 1] == str(hf)
     trains = [s.commands[0].args for s in stages if s.kind == "train"]
     assert [a[a.index("--train-iters") + 1] for a in trains] == ["2", "2"]
     # round 2 reads the data after round 1's 2 x 4 samples, not round 1's again
