@@ -1,8 +1,8 @@
 """`compress --steps 2` with training at another TP than conversion (--tp 2 --train-tp 1) on the tiny model of
 test_compress.py: two prune/recover rounds reaching 50% geometrically (round 1 prunes to P0 x sqrt(0.5)), the
-round-2 prune reading round 1's *training* checkpoint at the training TP, one reshard of student and teacher, the
-rounds' data consecutive; the final HF model loads with the reported size and the reported losses equal
-transformers' own evaluation of each exported model."""
+round-2 prune reading round 1's *training* checkpoint at the training TP with the drop limits of the source, one
+reshard of student and teacher, the rounds' data consecutive; the final HF model loads with the reported size and
+the reported losses equal transformers' own evaluation of each exported model."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def test_round_two_prunes_the_training_checkpoint_at_the_training_tp(job):
     assert (train1_ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS // 2)
     assert _meta(str(train1_ckpt)).tp == 1
     assert _meta(_arg(prune2, "--save")).tp == 1 and len(rec["06-prune-2"]["results"][0]["peak_rss"]) == 1
+    # round 2's drop limits are measured from the source model (4 layers), not from round 1's shape
+    assert _arg(prune2, "--limits-of") == str(job["inputs"]["hf"]) and "--limits-of" not in prune1
+    search = json.loads((Path(_arg(prune2, "--save")) / "prune_search.json").read_text())
+    assert search["space"]["limits_of"]["num_layers"] == 4
     # one reshard, of the round-1 student and of the teacher, to the training TP; both rounds distil from it
     (reshard,) = [r for r in rec.values() if r["kind"] == "reshard"]
     loads = [_arg(c, "--load") for c in reshard["commands"]]
