@@ -134,9 +134,10 @@ class TrainConfig:
         if not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= --min-lr <= --lr (--min-lr {self.min_lr}, --lr {self.lr})")
         decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.iterations
-        if self.lr_warmup_iters > decay:
-            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
-                              f"(--lr-decay-iters {self.lr_decay_iters}, training iterations {self.iterations})")
+        if self.lr_warmup_iters >= decay:  # megatron-core's scheduler asserts warm-up < decay
+            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} must be fewer than the decay iterations "
+                              f"{decay} (--lr-decay-iters {self.lr_decay_iters}, training iterations "
+                              f"{self.iterations})")
         if self.weight_decay < 0 or self.clip_grad < 0 or self.adam_eps <= 0:
             raise ConfigError(f"need --weight-decay >= 0, --clip-grad >= 0, --adam-eps > 0 (--weight-decay "
                               f"{self.weight_decay}, --clip-grad {self.clip_grad}, --adam-eps {self.adam_eps})")
