@@ -10,7 +10,7 @@ from pathlib import Path
 
 from megatron_prune.compress.plan import Command, Stage, _subcommand
 from megatron_prune.compress.recipe import Recipe
-from megatron_prune.errors import InputError
+from megatron_prune.errors import InputError, UserError
 
 
 def source_shape(hf_dir: str):
@@ -52,7 +52,7 @@ def check_job(recipe: Recipe, stages: list[Stage]) -> None:
             if stage.kind == "prune" and stage is next(s for s in stages if s.kind == "prune"):
                 _check_budget(args, shape, recipe.tp, recipe)
             elif stage.kind == "train":
-                _check_training(args, cmd, recipe)
+                _check_round_training(stage, args, cmd, recipe)
             elif stage.kind == "eval" and cmd.label == "original":
                 _check_eval_text(args, recipe)
     if recipe.steps > 1:  # the last round's budget, at the TP it runs at: the trained student's
@@ -83,6 +83,18 @@ def _check_budget(args, shape, tp: int, recipe: Recipe) -> None:
 
     cfg = build_config(args)
     find_candidates(shape, tp, recipe.hf_dir, cfg.search)
+
+
+def _check_round_training(stage: Stage, args, cmd: Command, recipe: Recipe) -> None:
+    """A round's training: its problems name the round's share of --train-iters (the train flags apply to every
+    round, e.g. a --lr-warmup-iters longer than a round)."""
+    try:
+        _check_training(args, cmd, recipe)
+    except UserError as e:
+        if recipe.steps == 1:
+            raise
+        raise InputError(f"{stage.name}: {args.train_iters} of the --train-iters {recipe.train_iters} in --steps "
+                         f"{recipe.steps} rounds: {e}") from None
 
 
 def _check_training(args, cmd: Command, recipe: Recipe) -> None:

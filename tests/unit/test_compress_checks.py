@@ -51,6 +51,9 @@ def refused(capsys, args: list[str], start: str) -> None:
     # rounds split a parameter count; the recipe's message once prefixed (not "arguments: arguments:")
     ({"--target-params": None, "--target-memory-gb": "0.001", "--steps": "2"},
      "error: arguments: --steps 2 splits the parameter budget into rounds"),
+    # the train flags apply to every round: a warm-up as long as a round is refused before any stage
+    ({"--steps": "2", "--train-args": "--lr-warmup-iters 1"}, "error: 04-train-1: 1 of the --train-iters 2 in "
+     "--steps 2 rounds: --lr-warmup-iters 1 must be fewer than the decay iterations 1"),
 ])
 def test_bad_input_is_one_line_before_any_stage(hf, tmp_path, capsys, changes, start):
     out = tmp_path / "out"
