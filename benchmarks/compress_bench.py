@@ -70,9 +70,11 @@ class Results:
 
 
 def train_args(iters_per_round: int) -> list[str]:
-    """The demo's recovery recipe (DemoPlan), its warm-up a tenth of the round."""
+    """The demo's recovery recipe (DemoPlan), its warm-up a tenth of the round (at least 1, none in a round of one
+    iteration: the warm-up must be shorter than the round)."""
+    warmup = max(1, iters_per_round // 10) if iters_per_round > 1 else 0
     return ["--kd-alpha", "0.5", "--kd-temperature", "2", "--lr", "5e-4", "--min-lr", "5e-5", "--lr-warmup-iters",
-            str(max(1, iters_per_round // 10)), "--split", "98,2,0", "--seed", "1234", "--fp32", "--log-interval", "2"]
+            str(warmup), "--split", "98,2,0", "--seed", "1234", "--fp32", "--log-interval", "2"]
 
 
 def compress_args(args, hf: Path, out: Path, steps: int) -> list[str]:
