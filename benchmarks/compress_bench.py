@@ -171,8 +171,10 @@ def run_by_hand(work: Path, results: Results, job: Path) -> dict:
     seconds: dict[str, float] = {}
     for stage, cmd in commands:
         (fresh / "stages" / stage).mkdir(parents=True, exist_ok=True)
-        seconds[stage] = seconds.get(stage, 0.0) + run_logged(cmd, log)
-        log_step(f"by hand: {stage} {seconds[stage]:.1f} s")
+        wall = run_logged(cmd, log)
+        seconds[stage] = seconds.get(stage, 0.0) + wall
+        log_step(f"by hand: {stage}: {' '.join(cmd[cmd.index('--') + 1:] if '--' in cmd else cmd[3:])[:100]} "
+                 f"{wall:.1f} s")
     entry = {"settings": settings, "wall_s": round(sum(seconds.values()), 1),
              "stages": {k: round(v, 1) for k, v in seconds.items()}}
     results.put("by-hand", entry)

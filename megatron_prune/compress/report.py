@@ -68,8 +68,9 @@ def markdown(report: dict) -> str:
     if report.get("rounds"):
         lines += ["", "| round | target params | params | shape | training iterations |", "|---:|---:|---:|---|---:|"]
         for r in report["rounds"]:
-            lines.append(f"| {r['round']} | {r['target_params'] or '-'} | {r['params']:,} | {r['shape']} | "
-                         f"{r.get('train_iters', '-')} |")
+            target = r["target_params"] or "-"
+            lines.append(f"| {r['round']} | {f'{int(target):,}' if target.isdigit() else target} | {r['params']:,} | "
+                         f"{r['shape']} | {r.get('train_iters', '-')} |")
     lines += ["", "| stage | seconds | peak RSS (GiB) | output |", "|---|---:|---:|---|"]
     for s in report["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['peak_rss_gib']:.2f} | {', '.join(s['output'])} |")
