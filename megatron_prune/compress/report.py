@@ -27,6 +27,7 @@ def rounds(records: list[dict]) -> list[dict]:
     """Per prune/recover round: the prune's parameter target (as given to it), the pruned shape and its
     parameters, and the training iterations that followed (the data samples skipped before them)."""
     from megatron_prune.checkpoint.megatron_io import read_meta
+    from megatron_prune.prune.search_space import shape_line
 
     out: list[dict] = []
     for r in records:
@@ -35,7 +36,7 @@ def rounds(records: list[dict]) -> list[dict]:
             shape = read_meta(r["outputs"]["ckpt"]).shape
             out.append({"round": len(out) + 1, "prune_stage": r["name"],
                         "target_params": _value(args, "--target-params"), "params": shape.num_params(),
-                        "shape": _shape_line(shape)})
+                        "shape": shape_line(shape)})
         elif r["kind"] == "train" and out:
             out[-1].update(train_stage=r["name"], train_iters=int(_value(args, "--train-iters")),
                            skip_samples=int(_value(args, "--skip-samples") or 0))
@@ -47,10 +48,6 @@ def _value(args: list[str], flag: str) -> str | None:
     hits = [i for i, a in enumerate(args[:-1]) if a == flag]
     return args[hits[-1] + 1] if hits else None
 
-
-def _shape_line(s) -> str:
-    return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
-            f"ffn={s.ffn_hidden_size}")
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -109,9 +109,7 @@ class Candidate:
         return hf_config_warning(self.shape) is None
 
     def line(self) -> str:
-        s = self.shape
-        return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
-                f"ffn={s.ffn_hidden_size}")
+        return shape_line(self.shape)
 
 
 @dataclass(frozen=True)
@@ -172,6 +170,12 @@ def _attention(src: LlamaShape, tp: int, drop: float, ref: LlamaShape | None = N
     if g0 == src.num_attention_heads:
         return [(h, h) for h in _kept_range(g0, drop, ref.num_attention_heads) if h % tp == 0]
     return [(g0 * k, g0) for k in _kept_range(src.heads_per_group, drop, ref.heads_per_group)]
+
+
+def shape_line(s: LlamaShape) -> str:
+    """'layers=20 hidden=480 heads=6/3 ffn=1020': the searched sizes of a shape."""
+    return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
+            f"ffn={s.ffn_hidden_size}")
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -344,11 +348,6 @@ def _candidate(src: LlamaShape, tp: int, budget: Budget, key: Key, hf_only: bool
     return Candidate(shape=shape, params=shape.num_params(), budget=budget, memory=memory)
 
 
-def _sizes(s: LlamaShape) -> str:
-    return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
-            f"ffn={s.ffn_hidden_size}")
-
-
 def _describe(c: Candidate) -> str:
     b, parts = c.budget, [f"{c.params:,} params"]
     if b.params is not None:
@@ -378,7 +377,7 @@ def find_space(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLim
     flags = ", ".join(f for f, given in (("--target-params", budget.params), ("--target-memory-gb", budget.memory),
                                          ("--memory-seq-length", budget.memory)) if given is not None)
     more = "" if limits.megatron_only_shapes else ", --megatron-only-shapes"
-    of = f" of {_sizes(limits.reference)}" if limits.reference else ""
+    of = f" of {shape_line(limits.reference)}" if limits.reference else ""
     raise BudgetError(f"no shape within {100 * LOWERS[-1]:.0f}-100% of {budget.describe()} at TP {tp} (width "
                       f"multiple {limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
                       f"{limits.max_width_drop:g} of widths dropped{of}, {limits.shape_set()}); {hint}; loosen "
