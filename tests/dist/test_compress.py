@@ -116,10 +116,14 @@ def _transformers_loss(model_dir: Path, text: str) -> float:
 
 
 def test_reported_losses_equal_transformers_on_each_exported_model(job):
-    out, report, inputs = job["out"], job["report"], job["inputs"]
+    assert_losses_equal_transformers(job["report"], job["inputs"], job["out"] / "stages" / "05-export")
+
+
+def assert_losses_equal_transformers(report: dict, inputs: dict[str, Path], export: Path) -> None:
+    """The report's loss, perplexity and token count of each model = transformers' own evaluation of it: the
+    source HF model, the export stage's pruned-hf and the published OUT/hf."""
     text = inputs["eval"].read_text()
-    exported = {"original": inputs["hf"], "pruned": out / "stages" / "05-export" / "pruned-hf",
-                "recovered": out / "hf"}
+    exported = {"original": inputs["hf"], "pruned": export / "pruned-hf", "recovered": Path(report["hf"])}
     for name, model_dir in exported.items():
         measured = _transformers_loss(model_dir, text)
         reported = report["models"][name]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_compress import _transformers_loss, compress, make_inputs
+from tests.dist.test_compress import assert_losses_equal_transformers, compress, make_inputs
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(3600)]
 ITERS, GBS = 4, 4   # GBS: test_compress.compress's --global-batch-size
@@ -94,12 +94,4 @@ def test_round_two_prunes_the_training_checkpoint_at_the_training_tp(job):
 
 
 def test_reported_losses_equal_transformers_on_each_exported_model(job):
-    out, report, inputs = job["out"], job["report"], job["inputs"]
-    text = inputs["eval"].read_text()
-    exported = {"original": inputs["hf"], "pruned": out / "stages" / "08-export" / "pruned-hf",
-                "recovered": out / "hf"}
-    for name, model_dir in exported.items():
-        measured = _transformers_loss(model_dir, text)
-        reported = report["models"][name]["loss"]
-        assert abs(reported - measured) <= 1e-4 * measured, (name, reported, measured)
-    assert report["models"]["recovered"]["loss"] != report["models"]["pruned"]["loss"]
+    assert_losses_equal_transformers(job["report"], job["inputs"], job["out"] / "stages" / "08-export")
