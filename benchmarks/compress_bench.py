@@ -8,10 +8,12 @@ running its stages by hand.
 
 (a) `compress --target-params 50% --tp 3 --train-tp 1 --nproc 2` with --steps 1, 2 and 3 and the same --iters in
 all (split over the rounds: K rounds read the same token stream as one run, each round after the previous
-rounds' samples). SmolLM2 has 3 query groups: conversion and the first prune at TP 3, training (2 data-parallel
-ranks) and later rounds at TP 1. Training: the demo's distillation recipe (megatron_prune/demo/stages.py: KD
-alpha 0.5, temperature 2, AdamW lr 5e-4 cosine to 5e-5, fp32, seed 1234, global batch 8 x 128 tokens, micro-batch
-4); each round warms up for a tenth of its iterations (at least 1). Calibration and training: the shipped
+rounds' samples; later rounds' drop limits are measured from the original, `prune --limits-of`). SmolLM2 has
+3 query groups: conversion and the first prune at TP 3, training (2 data-parallel ranks) and later rounds at TP 1.
+Training: the demo's distillation recipe (megatron_prune/demo/stages.py: KD alpha 0.5, temperature 2, AdamW lr 5e-4
+cosine to 5e-5, fp32, seed 1234, global batch 8 x 128 tokens, micro-batch 4); each round warms up for a tenth of
+its iterations (at least 1; none in a one-iteration round). SmolLM2 comes from the demo's cache (fetched when
+absent, as `make demo` does). Calibration and training: the shipped
 train.jsonl; every model is evaluated on the first --eval-tokens of heldout.jsonl (never calibrated or trained on).
 "pruned" is the model right after the last round's prune (for K > 1 it has had K - 1 rounds of training).
 (b) The --steps 1 run's stage commands (OUT/stages/*/stage.json "commands", the exact CLI argument lists) run again
