@@ -9,25 +9,18 @@ Results go to benchmarks/RESULTS.md (section "convert").
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (cleanup, dir_bytes, gib, hf_config, largest_file, plain_copy, python_cmd, timed,  # noqa: E402
-                    write_section, write_synthetic_hf)
+from common import (cleanup, dir_bytes, gib, hf_config, largest_file, plain_copy, python_cmd,  # noqa: E402
+                    synthetic_parser, timed, write_section, write_synthetic_hf)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="7b", choices=["7b", "1b"])
-    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
-    ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
-    ap.add_argument("--no-write", action="store_true", help="print results without updating RESULTS.md")
-    args = ap.parse_args()
+    args = synthetic_parser(__doc__).parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     hf, copy, out = work / "hf", work / "copy", work / "mg"

@@ -12,7 +12,6 @@ Results go to benchmarks/RESULTS.md (section "reshard") unless --no-write.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (cleanup, dir_bytes, gib, hf_config, largest_file, layer_tensors, plain_copy,  # noqa: E402
-                    python_cmd, timed, write_section)
+                    python_cmd, synthetic_parser, timed, write_section)
 
 
 class RandomTensor:
@@ -138,14 +137,9 @@ def _row_share(cfg: dict) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="7b", choices=["7b", "1b"])
-    ap.add_argument("--layers", type=int, default=None, help="fewer layers (same tensor shapes)")
-    ap.add_argument("--src-tp", type=int, default=8)
-    ap.add_argument("--tp", type=int, default=2)
+    ap = synthetic_parser(__doc__, tp=2)
+    ap.add_argument("--src-tp", type=int, default=8, help="the source checkpoint's TP size (default 8)")
     ap.add_argument("--rounds", type=int, default=2, help="copy + reshard rounds (default 2)")
-    ap.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a new temp dir)")
-    ap.add_argument("--no-write", action="store_true", help="print the results, leave RESULTS.md alone")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_reshard_"))
     src, copy, out = work / "src", work / "copy", work / "out"

@@ -14,7 +14,6 @@ Results go to benchmarks/RESULTS.md (section "torch_dist") unless --no-write.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (cleanup, dir_bytes, gib, hf_config, plain_copy, python_cmd, write_section,  # noqa: E402
-                    write_synthetic_hf)
+                    synthetic_parser, write_synthetic_hf)
 
 
 def _tree(pid: int) -> list[int]:
@@ -88,13 +87,7 @@ def measured(cmd: list[str]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="7b", choices=["7b", "1b"])
-    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
-    ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
-    ap.add_argument("--no-write", action="store_true", help="print results without updating RESULTS.md")
-    args = ap.parse_args()
+    args = synthetic_parser(__doc__).parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_torch_dist_"))
     hf, legacy, dist = work / "hf", work / "legacy", work / "dist"

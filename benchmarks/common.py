@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,6 +22,34 @@ SHAPES = {  # HF config fields
     "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000),
 }
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its module docstring as the help text, and --no-write (print the results,
+    leave RESULTS.md alone), which every benchmark has."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true", help="print the results, leave RESULTS.md alone")
+    return ap
+
+
+def synthetic_parser(description: str | None, tp: int = 8) -> argparse.ArgumentParser:
+    """The size benchmarks on synthetic LLaMA checkpoints (SHAPES): --shape, --layers, --tp, --workdir."""
+    ap = parser(description)
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES), help="LLaMA shape (default 7b)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (the same tensor shapes)")
+    ap.add_argument("--tp", type=int, default=tp, help=f"tensor-parallel size (default {tp})")
+    ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    return ap
+
+
+def recovery_parser(description: str | None, iters_help: str) -> argparse.ArgumentParser:
+    """The quality benchmarks on SmolLM2 (recovery runs): --iters, --eval-tokens, --work."""
+    ap = parser(description)
+    ap.add_argument("--iters", type=int, default=60, help=iters_help)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    ap.add_argument("--work", default=None, help="working directory, finished runs reused (default: a temporary "
+                                                 "one, removed)")
+    return ap
 
 
 def hf_config(shape: str, layers: int | None) -> dict:

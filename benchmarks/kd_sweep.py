@@ -14,14 +14,13 @@ winner.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from megatron_prune.demo import stages
-from common import write_section  # benchmarks/ is the script's directory
+from common import recovery_parser, write_section  # benchmarks/ is the script's directory
 from quality_report import in_work, prepare, pruned_start, recover
 
 VARIANTS = [(1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.5)]  # (temperature, alpha)
@@ -71,12 +70,8 @@ def render(r: dict, args) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=60, help="recovery iterations per variant (default 60, the demo's)")
-    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    ap = recovery_parser(__doc__, "recovery iterations per variant (default 60, the demo's)")
     ap.add_argument("--seed", type=int, default=1234, help="training seed, the same for every variant")
-    ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
-    ap.add_argument("--no-write", action="store_true", help="print without writing RESULTS.md")
     args = ap.parse_args()
     results = in_work(args.work, "kd_sweep_", lambda work: run(args, work))
     body = render(results, args)

@@ -5,7 +5,7 @@
 
 All variants share the demo's pruned shape (30 -> 20 layers, hidden 576 -> 480, heads 9 -> 6 in 3 groups,
 FFN 1536 -> 1020; 134.5M -> 64.0M parameters) and the same recovery recipe and token budget (the demo's:
-2 data-parallel ranks, global batch 8 x 128 tokens, AdamW lr 1e-3 cosine to 1e-4, fp32):
+2 data-parallel ranks, global batch 8 x 128 tokens, AdamW lr 5e-4 cosine to 5e-5, fp32):
   (a) importance: random vs magnitude vs activation, right after pruning and after distillation;
   (b) recovery loss: LM loss vs distillation from the unpruned teacher (activation-pruned start);
   (c) initialisation: the activation-pruned weights vs the same shape initialised at random (std 0.02).
@@ -18,7 +18,6 @@ docs/quality_report.md, docs/quality_recovery.png and the quality section of ben
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import run_cli
+from common import recovery_parser  # benchmarks/ is the script's directory
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "megatron_prune" / "data" / "samples"
@@ -218,12 +218,8 @@ def write_outputs(body: str, results: dict) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=60, help="recovery iterations per variant (default 60, as in docs/quality_report.md)")
-    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    ap = recovery_parser(__doc__, "recovery iterations per variant (default 60, as in docs/quality_report.md)")
     ap.add_argument("--calib-samples", type=int, default=32, help="activation calibration samples (default 32)")
-    ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
-    ap.add_argument("--no-write", action="store_true", help="print without writing docs/ and benchmarks/RESULTS.md")
     args = ap.parse_args()
     body, results = in_work(args.work, "quality_", lambda work: run_report(args, work))
     print(body)

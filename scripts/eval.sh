@@ -16,7 +16,7 @@
 #                       PYTHON            Python interpreter        [the repository's .venv, else python3]
 #
 # Example (after `make demo`; the shipped held-out text, about 30 s on 2 cores):
-#   bash scripts/eval.sh --load demo_out/megatron-tp3 --text-file megatron_prune/data/samples/heldout.jsonl \
+#   bash scripts/eval.sh --load demo_out/compress/stages/01-convert/ckpt --text-file megatron_prune/data/samples/heldout.jsonl \
 #     --max-tokens 8192
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib/env.sh"

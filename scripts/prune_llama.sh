@@ -41,7 +41,7 @@
 #                                 PYTHON                      Python interpreter [the repository's .venv, else python3]
 #
 # After `make demo` (SmolLM2-135M at TP=3: the demo's own shape, 30 -> 20 layers, about a minute on 2 cores):
-#   bash scripts/prune_llama.sh --load demo_out/megatron-tp3 --save demo_out/pruned-again --hidden-size-remain 480 \
+#   bash scripts/prune_llama.sh --load demo_out/compress/stages/01-convert/ckpt --save demo_out/pruned-again --hidden-size-remain 480 \
 #     --num-attention-heads-remain 6 --ffn-hidden-size-remain 1020 --num-layers-remain 20
 # LLaMA-2-7B -> 3.4B:
 #   bash scripts/prune_llama.sh --load ckpt/llama2-7b-tp8 --save ckpt/pruned --hidden-size-remain 3072 \

@@ -12,8 +12,8 @@
 #   --ckpt-format  CKPT_FORMAT  output format: torch (legacy rank files) | torch_dist   [torch]
 #           PYTHON  Python interpreter               [the repository's .venv, else python3]
 #
-# Examples: bash scripts/reshard.sh --load demo_out/pruned-tp3 --save demo_out/pruned-tp1-again --tp 1   (after
-#           `make demo`)
+# Examples: bash scripts/reshard.sh --load demo_out/compress/stages/03-prune/ckpt --save demo_out/pruned-tp1-again \
+#             --tp 1   (after `make demo`)
 #           LOAD=ckpt/pruned-global SAVE=ckpt/pruned-tp2 TP=2 bash scripts/reshard.sh
 # (scripts/transfer.sh is the same script under its former name.)
 set -euo pipefail

@@ -17,8 +17,8 @@
 #   CKPT_FORMAT      --ckpt-format of the training checkpoints: torch | torch_dist (a flag wins)   [torch]
 #
 # After `make demo` (CPU: 2 iterations of the pruned model, its TP read from the checkpoint):
-#   bash scripts/train_recovery.sh --load demo_out/pruned-tp1 --save demo_out/recovered-again \
-#     --data-path demo_out/data/train_text_document --train-iters 2
+#   bash scripts/train_recovery.sh --load demo_out/compress/stages/04-reshard/student --save demo_out/recovered-again \
+#     --data-path demo_out/compress/stages/02-preprocess/train_text_document --train-iters 2
 # Single node, TP=2 (NPROC: 2 on CPU, all GPUs of the node with CUDA):
 #   bash scripts/train_recovery.sh --load ckpt/pruned --save ckpt/recovered --tp 2 \
 #     --data-path data/corpus_text_document --micro-batch-size 4 --global-batch-size 64 --seq-length 2048 \

@@ -4,6 +4,7 @@ it, as `cp` does). No checkpoint logic: the resharder and the torch_dist writer 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -138,3 +139,26 @@ def copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int, pat
         if k == 0:
             raise CheckpointError(f"{path}: truncated at byte {src_off}")
         n, src_off, dst_off = n - k, src_off + k, dst_off + k
+
+
+def save_rank_skeleton(root: Path, tp_rank: int, pp_rank: int, pp: int,
+                       specs: dict[str, tuple[tuple[int, ...], torch.dtype] | None],
+                       args) -> tuple[Path, dict[str, TensorRef]]:
+    """A release rank file whose tensors are holes: its zip records and pickle written (name -> (shape, dtype), or
+    None for an `_extra_state` entry), each tensor's bytes left for the caller to fill in place at the returned
+    refs' offsets (`fill_rank_file`). torch.empty never touches its pages, and skip_data never reads them: the
+    skeleton costs no memory whatever the tensors' size."""
+    model = {name: None if spec is None else torch.empty(spec[0], dtype=spec[1]) for name, spec in specs.items()}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        path = mio.save_rank(root, "release", tp_rank, pp_rank, pp, mio.rank_state(model, args, 0))
+    return path, read_refs(path)[1]
+
+
+@contextlib.contextmanager
+def fill_rank_file(path: Path):
+    """The skeleton's file descriptor, for pwrite_all at its refs' offsets."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -14,7 +14,6 @@ folder inside their temporary output and convert them: one more write of the byt
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ import torch
 
 from megatron_prune.checkpoint import dist_ckpt
 from megatron_prune.checkpoint import megatron_io as mio
-from megatron_prune.checkpoint.byteio import TensorRef, as_bytes, pwrite_all, read_refs
+from megatron_prune.checkpoint.byteio import (TensorRef, as_bytes, fill_rank_file, pwrite_all, read_refs,
+                                              save_rank_skeleton)
 from megatron_prune.checkpoint.errors import CheckpointError
 from megatron_prune.checkpoint.keys import stage_extra_state_keys, stage_tensor_maps, to_te_names
 
@@ -56,15 +56,10 @@ def write_legacy_from_dist(ck: mio.OpenCheckpoint, out: Path, dst: mio.Checkpoin
 
 def _write_rank(out: Path, tp_rank: int, pp_rank: int, reader: dist_ckpt.StageReader, index: dist_ckpt.DistIndex,
                 dst: mio.CheckpointMeta, args, bar) -> Path:
-    names = rank_names(dst, pp_rank)
-    # torch.empty never touches its pages, and skip_data never reads them: the skeleton costs no memory.
-    model = {name: None if key is None else torch.empty(reader.shape(key), dtype=reader.dtype(key))
-             for name, key in names.items()}
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        path = mio.save_rank(out, "release", tp_rank, pp_rank, dst.pp, mio.rank_state(model, args, 0))
-    _, written = read_refs(path)
-    fd = os.open(path, os.O_WRONLY)
-    try:
+    specs = {name: None if key is None else (reader.shape(key), reader.dtype(key))
+             for name, key in rank_names(dst, pp_rank).items()}
+    path, written = save_rank_skeleton(out, tp_rank, pp_rank, dst.pp, specs, args)
+    with fill_rank_file(path) as fd:
         for key in reader:  # stage order: one layer read at a time
             t = reader[key].contiguous()
             ref = written[key]
@@ -73,8 +68,6 @@ def _write_rank(out: Path, tp_rank: int, pp_rank: int, reader: dist_ckpt.StageRe
                                       f"{ref.shape} {ref.dtype}")
             pwrite_all(fd, as_bytes(t), ref.offset)
             bar.update(ref.nbytes)
-    finally:
-        os.close(fd)
     return path
 
 

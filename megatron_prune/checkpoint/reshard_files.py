@@ -31,8 +31,8 @@ from megatron_prune.checkpoint.atomic import atomic_dir, check_free_space, check
 from megatron_prune.checkpoint.consistency import NonFiniteError, describe_non_finite, is_finite
 from megatron_prune.checkpoint.dist_files import STAGING, dist_common, legacy_to_dist, write_legacy_from_dist
 from megatron_prune.checkpoint.errors import CheckpointError
-from megatron_prune.checkpoint.byteio import (CHUNK, RankFileIO, TensorRef, as_bytes, copy_range, pread_into,
-                                              pwrite_all, read_refs, read_tensor)
+from megatron_prune.checkpoint.byteio import (CHUNK, RankFileIO, TensorRef, as_bytes, copy_range, fill_rank_file,
+                                              pread_into, pwrite_all, read_refs, read_tensor, save_rank_skeleton)
 from megatron_prune.checkpoint.keys import stage_extra_state_keys, stage_tensor_maps, to_te_names
 from megatron_prune.checkpoint.reshard import PAD, TensorPlan, assemble, plan_rank
 from megatron_prune.config.shape import DTYPE_BYTES, ShapeError
@@ -203,19 +203,13 @@ def write_rank_streamed(out: Path, tp_rank: int, pp_rank: int, plans: list[Tenso
     """Skeleton first (zip records and pickle; holes for the bytes), then each tensor's bytes in place."""
     by_key = {p.key: p for p in plans}
     names = _names(plans, stage_extra_state_keys(dst.shape.num_layers, dst.pp, pp_rank), dst.te_names)
-    # torch.empty never touches its pages, and skip_data never reads them: the skeleton costs no memory.
-    model = {name: None if key is None else torch.empty(by_key[key].shape, dtype=src.ref(by_key[key], 0).dtype)
+    specs = {name: None if key is None else (by_key[key].shape, src.ref(by_key[key], 0).dtype)
              for name, key in names.items()}
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        path = mio.save_rank(out, "release", tp_rank, pp_rank, dst.pp, mio.rank_state(model, args, 0))
-    _, written = read_refs(path)
-    fd = os.open(path, os.O_WRONLY)
-    try:
+    path, written = save_rank_skeleton(out, tp_rank, pp_rank, dst.pp, specs, args)
+    with fill_rank_file(path) as fd:
         for plan in plans:
             _fill(fd, written[plan.key].offset, plan, src, io)
             bar.update(written[plan.key].nbytes)
-    finally:
-        os.close(fd)
     return path
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from megatron_prune.compress.plan import Command, Stage, _subcommand
-from megatron_prune.compress.recipe import Recipe
+from megatron_prune.compress.recipe import NO_BUDGET, Recipe
 from megatron_prune.errors import InputError, UserError
 
 
@@ -81,8 +81,14 @@ def _check_budget(args, shape, tp: int, recipe: Recipe) -> None:
     from megatron_prune.cli.prune import build_config
     from megatron_prune.prune.search_run import find_candidates
 
-    cfg = build_config(args)
-    find_candidates(shape, tp, recipe.hf_dir, cfg.search)
+    try:
+        cfg = build_config(args)  # a budget, or sizes given through --prune-args (not both, not neither)
+    except InputError:
+        if recipe.target_params is None and recipe.target_memory_gb is None:
+            raise InputError(f"{recipe.source}: {NO_BUDGET}") from None
+        raise
+    if cfg.search is not None:
+        find_candidates(shape, tp, recipe.hf_dir, cfg.search)
 
 
 def _check_round_training(stage: Stage, args, cmd: Command, recipe: Recipe) -> None:

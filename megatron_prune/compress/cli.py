@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_prune.errors import UserError
 
 OPTIONS: dict[str, tuple[dict, str]] = {
     "hf-dir": ({}, "HF LLaMA directory (config.json, weights, tokenizer) [required]"),
@@ -61,42 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compress(recipe) -> int:
-    from megatron_prune.checkpoint.lock import output_lock
-    from megatron_prune.compress.checks import check_job, source_shape, train_data_kinds
-    from megatron_prune.compress.job import run_stages, say
-    from megatron_prune.compress.plan import build_stages
-    from megatron_prune.compress.recipe import write_recipe
-    from megatron_prune.compress.runner import StageError
+    from megatron_prune.compress.job import run_job, say
 
-    stages = build_stages(recipe, source_shape(recipe.hf_dir).num_params(), train_data_kinds(recipe))
-    check_job(recipe, stages)
-    out = Path(recipe.save)
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out, inside=True):
-        write_recipe(recipe, out / "recipe.yaml")
-        try:
-            records = run_stages(stages, out)
-        except StageError as e:
-            first = str(e).splitlines()[0]
-            raise UserError(f"{first} (its output is above; rerun the same command to continue)") from None
-        report = _finish(records, out)
-    models = report["models"]
+    _, report = run_job(recipe)
     say("; ".join(f"{k}: {m['params']:,} params, held-out loss {m['loss']:.4f} (ppl {m['perplexity']:.2f})"
-                  for k, m in models.items()))
-    print(f"wrote {out / 'hf'} and {out / 'report.md'}", file=sys.stderr)
+                  for k, m in report["models"].items()))
+    print(f"wrote {Path(recipe.save) / 'hf'} and {Path(recipe.save) / 'report.md'}", file=sys.stderr)
     return 0
-
-
-def _finish(records: list[dict], out: Path) -> dict:
-    from megatron_prune.compress.report import build_report, metrics_files, write_report
-    from megatron_prune.compress.runner import StageError, cli_command, run_command
-
-    report = build_report(records, out)
-    png = out / "loss.png"
-    try:
-        run_command(cli_command(["plot", *metrics_files(records), "--out", str(png), "--title", "recovery"]))
-        report["loss_png"] = str(png)
-    except StageError as e:  # no matplotlib: the report without the picture
-        print(f"warning: no loss.png: {str(e).splitlines()[-1]}", file=sys.stderr)
-    write_report(report, out)
-    return report

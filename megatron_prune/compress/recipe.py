@@ -17,6 +17,8 @@ from megatron_prune.errors import InputError as ConfigError
 PASS_THROUGH = ("convert_args", "preprocess_args", "prune_args",
                 "reshard_args", "train_args", "export_args", "eval_args")
 PATHS = ("hf_dir", "save", "calib_data", "eval_data")
+NO_BUDGET = ("give a budget: --target-params (e.g. 50%) and/or --target-memory-gb (or the pruned sizes in "
+             "--prune-args)")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class Recipe:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{self.source}: {_flag(name)} must be a positive integer, got "
                                   f"{getattr(self, name)!r}")
-        if self.target_params is None and self.target_memory_gb is None:
-            raise ConfigError(f"{self.source}: give a budget: --target-params (e.g. 50%) and/or --target-memory-gb")
+        if self.target_params is None and self.target_memory_gb is None and not self.prune_args:
+            # (or the sizes themselves in --prune-args, as the demo's recipe does; prune's own parser checks them)
+            raise ConfigError(f"{self.source}: {NO_BUDGET}")
         if self.steps > 1 and self.target_params is None:
             raise ConfigError(f"{self.source}: --steps {self.steps} splits the parameter budget into rounds "
                               f"(geometrically); a memory budget alone is not split: give --target-params too "

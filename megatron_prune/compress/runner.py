@@ -1,6 +1,7 @@
 """Run one CLI stage as a subprocess: `python -m megatron_prune ARGS`, or the same under torchrun through
-cli/prelaunch.py (its one-process checks first) or cli/launch.py. Shared by `compress` and the demo, so both run
-exactly the commands a user would type. Output is captured, and streamed live when asked."""
+cli/prelaunch.py (its one-process checks first) or cli/launch.py. The one stage runner of `compress` and the demo
+(and the benchmarks built on them), so each runs exactly the commands a user would type. Output is kept, appended
+to the stage's log as it comes, and streamed to the job's terminal when one is given (compress/terminal.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_prune.compress.terminal import LogSink, Terminal, pump
 
 
 class StageError(RuntimeError):
@@ -36,38 +39,37 @@ def cli_command(args: list[str], nproc: int = 0, prelaunch: list[str] | None = N
     return [sys.executable, "-m", "megatron_prune", *args]
 
 
-def run_command(cmd: list[str], env: dict | None = None, log: Path | None = None, stream: bool = False) -> Finished:
-    """Run `cmd` with os.environ + `env`; raise StageError with the error output's tail when it fails."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+def run_command(cmd: list[str], env: dict | None = None, log: Path | None = None,
+                terminal: Terminal | None = None) -> Finished:
+    """Run `cmd` with os.environ + `env` (unbuffered: its lines reach the terminal when printed); raise StageError
+    with the error output's tail when it fails. Ctrl-C while it runs ends the command with the job."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    sink = LogSink(log)
+    sink.write(f"$ {' '.join(cmd)}")
     out: list[str] = []
     err: list[str] = []
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, sys.stdout if stream else None)),
-             threading.Thread(target=_pump, args=(proc.stderr, err, sys.stderr if stream else None))]
-    for t in pumps:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for t in pumps:
-        t.join()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
+        try:
+            readers = [threading.Thread(target=pump, args=(proc.stdout, out, sink, terminal), daemon=True),
+                       threading.Thread(target=pump, args=(proc.stderr, err, sink, terminal), daemon=True)]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        sink.close()
     stdout, stderr = "".join(out), "".join(err)
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n{stdout}\n{stderr}\n")
     if proc.returncode != 0:
         shown = " ".join(cmd[2:])
         raise StageError(f"`{shown}` failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     return Finished(stdout, stderr, usage.ru_maxrss * 1024)
-
-
-def _pump(pipe, sink: list[str], echo) -> None:
-    for line in pipe:
-        sink.append(line)
-        if echo is not None:
-            echo.write(line)
-            echo.flush()
-    pipe.close()
 
 
 def last_json(stdout: str) -> dict:

@@ -1,13 +1,15 @@
 """python -m megatron_prune.demo [--quick] [--out DIR]: the pipeline end to end on CPU (`make demo`).
 
-Stages: get SmolLM2-135M offline -> convert to TP=3 shards -> held-out perplexity in megatron-core (torchrun) beside
-HF transformers -> export back to HF (bit-identical) -> prune about half the parameters under torchrun (activation
-importance, balance mode) -> reshard to TP=1 -> recovery training with distillation from the unpruned teacher on
-the shipped text -> export to HF -> perplexity before pruning, after pruning, after recovery. Each stage is the CLI
-a user runs; held-out text is never used for calibration or training.
+The demo is a `compress` recipe (megatron_prune/demo/recipe.py) run by compress's own job: get SmolLM2-135M
+offline -> convert to TP=3 shards -> prune about half the parameters under torchrun (activation importance, balance
+mode) -> reshard to TP=1 -> recovery training with distillation from the unpruned teacher on the shipped text ->
+export to HF -> held-out perplexity of the original, pruned and recovered models in megatron-core. Around it, the
+demo checks the conversion against HF transformers (the same held-out loss, an export back to HF bit-identical)
+and the recovered model's export. Each stage is the CLI a user runs; held-out text is never used for calibration
+or training. The job's directory (OUT/compress) holds compress's report and its recipe.yaml.
 
 Without SmolLM2 (no package registry, or --model tiny) the demo says so and trains a small LLaMA itself from the
-shipped text first (megatron_prune/demo/tiny_model.py), then runs the same stages on it.
+shipped text first (megatron_prune/demo/tiny_model.py), then runs the same recipe on it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from megatron_prune.demo import stages
 from megatron_prune.demo.pipeline import (StageError, StageLog, environment, last_json, numeric_env, run_cli,
                                           terminal, threads_per_process, timed)
+from megatron_prune.demo.recipe import EVAL_SEQ_LENGTH, demo_recipe
+from megatron_prune.errors import UserError
 from megatron_prune.demo.report import compare, render_tables
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -61,7 +66,7 @@ def get_model(args, out: Path, cache: Path) -> tuple[Path, str, stages.DemoPlan]
             print(f"[demo] SmolLM2 could not be obtained ({e}); falling back to a small LLaMA trained here from "
                   "the shipped text", file=sys.stderr, flush=True)
     spec = TinyModel(pretrain_iters=200 if args.quick else 400)
-    hf = build_tiny_model(out / "tiny", out / "tiny-hf", SAMPLES / "train.jsonl", out / "demo.log", spec)
+    hf = build_tiny_model(out / "tiny", out / "tiny-hf", SAMPLES / "train.jsonl", out / "tiny" / "log.txt", spec)
     return hf, (f"tiny LLaMA trained here ({spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads / "
                 f"{spec.groups} groups, BPE vocab {spec.vocab})"), spec.prune_plan(args.quick)
 
@@ -100,70 +105,84 @@ def main(argv=None) -> int:
     os.environ.update(numeric_env(0))
     out, cache = Path(args.out).resolve(), Path(args.cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "demo.log"
-    heldout, seq = SAMPLES / "heldout.jsonl", 512
+    terminal.copy_to(out / "demo.log")  # the terminal's transcript: every stage's output as shown
     tokens = args.eval_tokens or (2048 if args.quick else 8192)
     log = StageLog()
     try:
         hf_dir, source, plan = timed(log, "get model", lambda: get_model(args, out, cache), note=lambda r: r[1])
         plan = dataclasses.replace(plan, tp=args.tp)  # prune the checkpoint at the TP it was converted to
-        mg = out / f"megatron-tp{args.tp}"
-        timed(log, f"convert HF -> Megatron TP={args.tp}", lambda: run_cli(
-            ["convert", "hf-to-megatron", "--hf-dir", str(hf_dir), "--save", str(mg), "--tp", str(args.tp),
-             "--dtype", "fp32", "--overwrite"], log=logfile))
-        mg_eval = timed(log, f"eval megatron-core (torchrun x{args.tp})", lambda: last_json(run_cli(
-            ["eval", "--load", str(mg), "--text-file", str(heldout), "--seq-length", str(seq),
-             "--max-tokens", str(tokens), "--json"], nproc=args.tp, log=logfile)),
-            note=lambda r: f"ppl {r['perplexity']:.3f}")
-        hf_res = timed(log, "eval HF transformers", lambda: hf_eval(hf_dir, heldout, seq, tokens),
-                       note=lambda r: f"ppl {r['perplexity']:.3f}")
-        back = out / "hf-roundtrip"
-        timed(log, "export Megatron -> HF", lambda: run_cli(
-            ["convert", "megatron-to-hf", "--load", str(mg), "--save", str(back), "--overwrite"],
-            log=logfile))
-        same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
-                            note=lambda r: f"{r[0]}/{r[1]} bit-identical")
-        recovery = None if args.convert_only else prune_and_recover(log, out, hf_dir, mg, tokens, plan)
-    except StageError as e:
-        print(f"demo failed: {e}\nevery stage's full output: {logfile}", file=sys.stderr)
+        recipe = demo_recipe(hf_dir, out / "compress", plan, tokens)
+        records, job = run_compress(log, recipe, until="convert" if args.convert_only else None)
+        results = check_conversion(log, out, hf_dir, records, recipe, tokens)
+        if not args.convert_only:
+            results["recovery"] = recovery(log, out, records, job, plan, recipe)
+    except (StageError, UserError) as e:
+        print(f"demo failed: {e}\nthe terminal's transcript: {out / 'demo.log'}; each stage's full output: "
+              f"{out / 'compress' / 'stages'}/*/log.txt", file=sys.stderr)
         return 1
-    report(log, source, mg_eval, hf_res, same, total, out, recovery, args.quick)
-    ok = same == total and abs(mg_eval["loss"] - hf_res["loss"]) < 1e-4
-    return 0 if ok and (recovery is None or recovery["recovered"]["loss"] < recovery["pruned"]["loss"]) else 1
+    rec = results.get("recovery")
+    report(log, source, results["megatron"], results["hf"], *results["identical_tensors"], out, rec, args.quick)
+    ok = (results["identical_tensors"][0] == results["identical_tensors"][1]
+          and abs(results["megatron"]["loss"] - results["hf"]["loss"]) < 1e-4)
+    return 0 if ok and (rec is None or rec["recovered"]["loss"] < rec["pruned"]["loss"]) else 1
 
 
-def prune_and_recover(log: StageLog, out: Path, hf_dir: Path, teacher: Path, tokens: int,
-                      plan: stages.DemoPlan) -> dict:
-    logfile, heldout, train_text = out / "demo.log", SAMPLES / "heldout.jsonl", SAMPLES / "train.jsonl"
-    data = timed(log, "tokenize training text", lambda: stages.preprocess(train_text, hf_dir, out / "data" / "train",
-                                                                         logfile))
-    pruned = out / f"pruned-tp{plan.tp}"
-    info = timed(log, f"prune (activation, balance, torchrun x{plan.tp})",
-                 lambda: (stages.prune(teacher, pruned, plan, train_text, logfile)
-                          | stages.param_counts(teacher, pruned)),
-                 note=lambda r: f"{r['params_before']:,} -> {r['params_after']:,} params")
-    after_prune = timed(log, "eval pruned", lambda: stages.evaluate(pruned, heldout, tokens, plan.tp, logfile),
-                        note=lambda r: f"ppl {r['perplexity']:.2f}")
-    for name, src in (("pruned", pruned), ("teacher", teacher)):
-        timed(log, f"reshard {name} TP={plan.tp} -> TP=1",
-              lambda: stages.reshard(src, out / f"{name}-tp1", 1, logfile))
-    trained = out / "recovered"
-    timed(log, f"recovery training, KD ({plan.train_iters} iters, torchrun x2)",
-          lambda: stages.train(out / "pruned-tp1", out / "teacher-tp1", data, hf_dir, trained, plan, logfile))
-    # one process: the recovered checkpoint is TP=1, and a second data-parallel process only adds a start-up
-    recovered = timed(log, "eval recovered", lambda: stages.evaluate(trained, heldout, tokens, 1, logfile, hf_dir),
-                      note=lambda r: f"ppl {r['perplexity']:.2f}")
-    timed(log, "export recovered -> HF", lambda: run_cli(
-        ["convert", "megatron-to-hf", "--load", str(trained), "--save", str(out / "recovered-hf"), "--overwrite"],
-        log=logfile))
-    hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(out / "recovered-hf", heldout, 512, tokens),
+def run_compress(log: StageLog, recipe, until: str | None) -> tuple[list[dict], dict | None]:
+    """compress's job on the demo's recipe (the demo's terminal and numeric environment); each stage a row of the
+    stage table, with what it produced."""
+    from megatron_prune.compress.job import run_job
+
+    records, job = run_job(recipe, env={**numeric_env(2), "PYTHONWARNINGS": "ignore"}, terminal=terminal,
+                           until=until)
+    for r in records:
+        log.record(r["name"], r["seconds"], stage_note(r, records))
+    return records, job
+
+
+def stage_note(record: dict, records: list[dict]) -> str:
+    if record["kind"] == "prune":
+        counts = stages.param_counts(Path(records[0]["outputs"]["ckpt"]), Path(record["outputs"]["ckpt"]))
+        return f"{counts['params_before']:,} -> {counts['params_after']:,} params"
+    if record["kind"] == "eval":
+        return "ppl " + ", ".join(f"{r['label']} {r['perplexity']:.2f}" for r in record["results"])
+    if record["kind"] == "train":
+        return f"distillation, {record['commands'][0][record['commands'][0].index('--train-iters') + 1]} iters"
+    return ""
+
+
+def check_conversion(log: StageLog, out: Path, hf_dir: Path, records: list[dict], recipe, tokens: int) -> dict:
+    """The converted checkpoint against HF transformers: the same held-out loss (megatron-core's from the job's
+    eval stage, or its own run when the job stopped after converting) and an export back to HF, bit-identical."""
+    teacher = Path(records[0]["outputs"]["ckpt"])
+    heldout, seq = Path(recipe.eval_data), EVAL_SEQ_LENGTH
+    evals = {r["label"]: r for rec in records if rec["kind"] == "eval" for r in rec["results"]}
+    mg_eval = evals.get("original") or timed(log, f"eval megatron-core (torchrun x{recipe.tp})", lambda: last_json(
+        run_cli(["eval", "--load", str(teacher), "--text-file", str(heldout), "--seq-length", str(seq),
+                 "--max-tokens", str(tokens), "--json"], nproc=recipe.tp)),
+        note=lambda r: f"ppl {r['perplexity']:.3f}")
+    hf_res = timed(log, "eval HF transformers (original)", lambda: hf_eval(hf_dir, heldout, seq, tokens),
+                   note=lambda r: f"ppl {r['perplexity']:.3f}")
+    back = out / "hf-roundtrip"
+    timed(log, "export Megatron -> HF (round trip)", lambda: run_cli(
+        ["convert", "megatron-to-hf", "--load", str(teacher), "--save", str(back), "--overwrite"]))
+    same, total = timed(log, "compare exported tensors", lambda: compare_tensors(hf_dir, back),
+                        note=lambda r: f"{r[0]}/{r[1]} bit-identical")
+    return {"megatron": mg_eval, "hf": hf_res, "identical_tensors": [same, total]}
+
+
+def recovery(log: StageLog, out: Path, records: list[dict], job: dict, plan: stages.DemoPlan, recipe) -> dict:
+    """The pruning and recovery numbers of the job, and the recovered model's HF export evaluated in
+    transformers."""
+    by_kind = {r["kind"]: r for r in records}
+    evals = {r["label"]: r for r in by_kind["eval"]["results"]}
+    hf_rec = timed(log, "eval recovered (HF)", lambda: hf_eval(Path(job["hf"]), Path(recipe.eval_data),
+                                                               EVAL_SEQ_LENGTH, recipe.eval_max_tokens),
                    note=lambda r: f"ppl {r['perplexity']:.2f}")
-    try:
-        with terminal.stage("plot loss curves"):  # not a row of the stage table: the README's has none
-            stages.plot(trained / "metrics.jsonl", out / "loss_curve.png", logfile)
-    except StageError as e:
-        print(f"[demo] no loss plot: {e}", file=sys.stderr)
-    return {"prune": info, "pruned": after_prune, "recovered": recovered, "recovered_hf": hf_rec,
+    if job.get("loss_png"):  # the plot's name the README and the tests know
+        shutil.copyfile(job["loss_png"], out / "loss_curve.png")
+    info = by_kind["prune"]["results"][0] | stages.param_counts(Path(records[0]["outputs"]["ckpt"]),
+                                                                 Path(by_kind["prune"]["outputs"]["ckpt"]))
+    return {"prune": info, "pruned": evals["pruned"], "recovered": evals["recovered"], "recovered_hf": hf_rec,
             "kd": {"temperature": plan.kd_temperature, "alpha": plan.kd_alpha, "seed": plan.seed,
                    "iterations": plan.train_iters}}
 
@@ -181,8 +200,11 @@ def report(log: StageLog, source: str, mg_eval: dict, hf_res: dict, same: int, t
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot = out / "loss_curve.png"
     print("\n".join([f"Report:   {out / 'demo_report.md'} (numbers: {out / 'demo_results.json'})",
-                      f"Log:      {out / 'demo.log'} (every stage's full output)",
-                      f"Plot:     {plot if plot.exists() else 'none (no recovery training in this run)'}"]),
+                      f"Log:      {out / 'demo.log'} (the terminal's transcript; each stage's full output: "
+                     f"{out / 'compress' / 'stages'}/*/log.txt)",
+                      f"Plot:     {plot if plot.exists() else 'none (no recovery training in this run)'}",
+                      f"Job:      {out / 'compress'} (compress's report.md and recipe.yaml: `python -m "
+                      f"megatron_prune compress --config {out / 'compress' / 'recipe.yaml'}` runs it again)"]),
           flush=True)
 
 

@@ -1,4 +1,6 @@
-"""The demo's stages, each a subprocess running the same command a user would type, timed and summarised.
+"""The demo's stages, each a subprocess running the same command a user would type, timed and summarised, through
+compress's one stage runner (compress/runner.py) and terminal (compress/terminal.py); and the environment that
+fixes the demo's floating-point results.
 
 Keeping every stage a real CLI call (torchrun for the distributed ones) means the demo exercises exactly the
 user-facing entry points, not a private shortcut.
@@ -6,20 +8,12 @@ user-facing entry points, not a private shortcut.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import json
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-from megatron_prune.compress.runner import StageError
+from megatron_prune.compress.runner import StageError, cli_command, last_json, run_command
+from megatron_prune.compress.terminal import Terminal
 
 __all__ = ["StageError", "last_json", "run_cli", "timed"]
 
@@ -29,66 +23,15 @@ class StageLog:
     rows: list[tuple[str, float, str]] = field(default_factory=list)
 
     def add(self, name: str, seconds: float, note: str = "") -> None:
+        self.record(name, seconds, note)
+        terminal.job(f"{name}: {seconds:.1f} s {note}".rstrip())
+
+    def record(self, name: str, seconds: float, note: str = "") -> None:
+        """A row whose closing line was printed already (a compress stage's)."""
         self.rows.append((name, seconds, note))
-        terminal.say(f"[demo] {name}: {seconds:.1f} s {note}".rstrip())
 
 
-# A stage that has printed nothing for this long gets a "still running" line, so the terminal never stays silent
-# for long whatever the stage (in-process HF evaluation, a torchrun start-up, a slow machine).
-HEARTBEAT_S = 10.0
-# A progress bar redraws its line (carriage returns); the terminal gets one of its states this often at most.
-BAR_EVERY_S = 5.0
-INDENT = "    "  # a stage's own output, under its "[demo] NAME ..." line
-
-
-class Terminal:
-    """The demo's terminal: one line at a time (stage output comes from two reader threads), and a heartbeat
-    thread that says which stage is still running when nothing was printed for HEARTBEAT_S."""
-
-    def __init__(self, heartbeat_s: float = HEARTBEAT_S):
-        self.heartbeat_s = heartbeat_s
-        self._lock = threading.Lock()
-        self._last = time.monotonic()
-        self._stage: tuple[str, float] | None = None
-        self._thread: threading.Thread | None = None
-
-    def say(self, line: str) -> None:
-        with self._lock:
-            print(line, flush=True)
-            self._last = time.monotonic()
-
-    def begin(self, name: str) -> None:
-        with self._lock:
-            self._stage = (name, time.monotonic())
-        if self._thread is None:  # started by the first stage, not on import
-            self._thread = threading.Thread(target=self._beat, name="demo-heartbeat", daemon=True)
-            self._thread.start()
-        self.say(f"[demo] {name} ...")
-
-    def end(self) -> None:
-        with self._lock:
-            self._stage = None
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self.begin(name)
-        try:
-            yield
-        finally:
-            self.end()
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(1.0)
-            with self._lock:
-                now = time.monotonic()
-                if self._stage is not None and now - self._last >= self.heartbeat_s:
-                    name, start = self._stage
-                    print(f"[demo] ... still running: {name}, {now - start:.0f} s", flush=True)
-                    self._last = now
-
-
-terminal = Terminal()
+terminal = Terminal("demo")  # the demo's lines and its stages' output, on stdout
 
 
 # Threads per process, fixed whatever the machine's core count or load: a CPU kernel's floating-point reduction
@@ -143,111 +86,11 @@ def _read(path: str) -> str:
 
 
 def run_cli(args: list[str], nproc: int = 0, log: Path | None = None, env: dict | None = None) -> str:
-    """Run `python -m megatron_prune ARGS` (under torchrun when nproc > 0), its output streamed to the terminal
-    (indented) and appended to `log` as it comes; return stdout, raise with the tail of stderr."""
-    cmd = [sys.executable, "-m", "megatron_prune", *args]
-    if nproc:
-        # cli.launch = torchrun, minus torchrun's traceback wall when a worker already said what went wrong
-        cmd = [sys.executable, "-m", "megatron_prune.cli.launch", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_prune", *args]
-    # unbuffered: a stage's lines reach the terminal when printed, not when its pipe buffer fills
-    full_env = {**os.environ, **numeric_env(nproc), "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1",
-                **(env or {})}
-    sink = _LogSink(log)
-    sink.write(f"$ {' '.join(cmd)}")
-    out, err = [], []
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
-        try:
-            readers = [threading.Thread(target=_pump, args=(proc.stdout, out, sink), daemon=True),
-                       threading.Thread(target=_pump, args=(proc.stderr, err, sink), daemon=True)]
-            for t in readers:
-                t.start()
-            for t in readers:
-                t.join()
-            returncode = proc.wait()
-        except BaseException:  # Ctrl-C while a stage runs: the stage's processes end with the demo
-            proc.kill()
-            proc.wait()
-            raise
-    finally:
-        sink.close()
-    if returncode != 0:
-        raise StageError(f"`{' '.join(cmd[2:])}` failed (exit {returncode}):\n{''.join(err)[-3000:]}")
-    return "".join(out)
-
-
-class _LogSink:
-    """demo.log, appended by both reader threads of a stage (one line at a time)."""
-
-    def __init__(self, path: Path | None):
-        self._lock = threading.Lock()
-        self._file = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a")
-
-    def write(self, line: str) -> None:
-        if self._file is not None:
-            with self._lock:
-                self._file.write(line + "\n")
-                self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _pump(stream: IO[bytes], keep: list[str], sink: _LogSink) -> None:
-    """Copy a stage's output stream: every line into `keep`, the log and the terminal (indented). A progress
-    bar's redraws (segments ended by a carriage return) reach the terminal and the log every BAR_EVERY_S at most,
-    and its last state before it is cleared or followed by a line; JSON result lines reach only the log (the demo
-    prints its own summary of them)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
-    pending, last_bar, held = "", float("-inf"), None
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        *segments, pending = _segments(pending + decoder.decode(chunk))
-        for text, end in segments:
-            if end != "\r":
-                keep.append(text + "\n")
-            if not text.strip() or end != "\r":
-                if held is not None:  # the bar's last state, before it is cleared or a line follows
-                    _show(held, sink)
-                    held = None
-            elif time.monotonic() - last_bar < BAR_EVERY_S:
-                held = text
-                continue
-            else:
-                last_bar, held = time.monotonic(), None
-            if text.strip():
-                _show(text, sink)
-    pending += decoder.decode(b"", final=True)
-    if held is not None:
-        _show(held, sink)
-    if pending.strip():
-        keep.append(pending)
-        _show(pending, sink)
-    stream.close()
-
-
-def _show(text: str, sink: _LogSink) -> None:
-    sink.write(text)
-    if not text.startswith("{"):
-        terminal.say(INDENT + text.rstrip())
-
-
-def _segments(text: str) -> list:
-    """[(segment, terminator), ...] for each complete segment of `text`, then the unterminated rest."""
-    parts = re.split(r"(\r\n|\n|\r)", text)
-    done = [(parts[i], "\n" if parts[i + 1] == "\r\n" else parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
-    return [*done, parts[-1]]
-
-
-def last_json(stdout: str) -> dict:
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise StageError(f"no JSON result in output:\n{stdout[-2000:]}")
+    """Run `python -m megatron_prune ARGS` (under torchrun when nproc > 0) with the demo's numeric environment, its
+    output streamed to the terminal (indented) and appended to `log` as it comes; return stdout, raise with the
+    tail of stderr."""
+    env = {**numeric_env(nproc), "PYTHONWARNINGS": "ignore", **(env or {})}
+    return run_command(cli_command(args, nproc), env, log, terminal).stdout
 
 
 def timed(log: StageLog, name: str, fn, note=None):

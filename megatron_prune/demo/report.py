@@ -10,6 +10,7 @@ results into reference.json and rewrites the README section; a unit test checks 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 REFERENCE = Path(__file__).with_name("reference.json")
@@ -50,14 +51,17 @@ def rec_label(res: dict) -> str:
     return "KD" if not kd else f"KD, T={kd['temperature']:g}, alpha={kd['alpha']:g}"
 
 
-# the quick run's sentence names stages briefly; "compare exported tensors" (0.1 s) is left out there
+# the quick run's sentence names stages briefly: compress's job stages by their kind ("05-train" -> "train"),
+# the demo's own checks as below; "compare exported tensors" (0.1 s) and "publish" (a copy) are left out there.
+# The first rows are the names of runs before the demo was a compress recipe (reference.json may hold one).
 _SHORT = {"convert HF -> Megatron": "convert", "eval megatron-core": "eval megatron-core",
           "eval HF transformers": "eval HF", "export Megatron -> HF": "export", "compare exported tensors": None,
           "tokenize training text": "tokenize", "reshard": "reshard", "recovery training": "recovery",
-          "export recovered -> HF": "export", "eval recovered (HF)": "eval HF"}
+          "export recovered -> HF": "export", "eval recovered (HF)": "eval HF", "publish": None}
 
 
 def _short(name: str) -> str | None:
+    name = re.sub(r"^\d\d-", "", name)
     for prefix, short in _SHORT.items():
         if name.startswith(prefix):
             return short

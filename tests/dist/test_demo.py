@@ -85,29 +85,31 @@ def run_demo(out: Path, *args: str) -> dict:
     print(text[-6000:])
     assert returncode == 0, f"demo failed (exit {returncode}; killed past the {limit:.0f} s limit when -9):\n" \
         f"{text[-4000:]}"
-    check_progress(lines, out)
-    return json.loads((out / "demo_results.json").read_text())
+    res = json.loads((out / "demo_results.json").read_text())
+    check_progress(lines, out, res["recovery"]["kd"]["iterations"])
+    return res
 
 
 # Acceptance (issue 24): the terminal shows progress at least every 30 s of every stage.
 MAX_GAP_S = 30.0
 
 
-def check_progress(lines: list[tuple[float, str]], out: Path) -> None:
+def check_progress(lines: list[tuple[float, str]], out: Path, iters: int) -> None:
     """The demo streams each stage's own progress and is never silent for long.
 
     Why this is robust on a slow or busy machine: the gap bound is wall-clock, but what keeps it is the demo's
-    heartbeat (megatron_prune/demo/pipeline.py), a "still running: STAGE, N s" line after HEARTBEAT_S = 10 s
+    heartbeat (megatron_prune/compress/terminal.py), a "still running: STAGE, N s" line after HEARTBEAT_S = 10 s
     without output, timed by the clock, not by work done. A machine 2x slower makes stages longer, not their
     silences: the heartbeat still fires 10 s into each. MAX_GAP_S = 30 s is 3x that interval; only a demo
     process starved of the CPU for 20 s at a stretch could miss it. A count of work (iterations between lines)
     would not bound silence, since a slow machine stretches each iteration.
 
-    What shows the stages' *own* progress (not only the heartbeat): every stage opens with its "[demo] NAME ..."
-    line; the recovery training's per-iteration lines (log interval 2) appear on the terminal while the stage
-    runs, before its closing "[demo] NAME: SECONDS" line; the megatron-core evaluation, conversion and pruning
-    stages stream their own (indented) lines between opening and closing; and the end names the report, the log
-    (which holds every stage's output) and the plot."""
+    What shows the stages' *own* progress (not only the heartbeat): the demo is compress's job on its recipe, and
+    every job stage opens with "[demo] NN-NAME: start (...)" and closes with "[demo] NN-NAME: done in ..."; the
+    recovery training's per-iteration lines (log interval 2) appear on the terminal while the stage runs, before
+    its closing line; the conversion, pruning, export and megatron-core evaluation stages stream their own
+    (indented) lines between opening and closing; and the end names the report, the log (the terminal's
+    transcript) and the plot."""
     times = [0.0] + [t for t, _ in lines]
     gaps = [(b - a, line) for a, b, (_, line) in zip(times, times[1:], lines)]
     worst, after = max(gaps)
@@ -115,27 +117,24 @@ def check_progress(lines: list[tuple[float, str]], out: Path) -> None:
     assert worst <= MAX_GAP_S, f"{worst:.0f} s without output before: {after!r}"
     text = [line for _, line in lines]
 
-    def stage(prefix: str) -> list[str]:
-        """The lines a stage printed between its opening and closing lines."""
-        opening = next(i for i, line in enumerate(text) if line.startswith(f"[demo] {prefix}") and
-                       line.endswith(" ..."))
-        closing = next(i for i in range(opening + 1, len(text)) if text[i].startswith(f"[demo] {prefix}") and
-                       not text[i].startswith("[demo] ... still running"))
+    def stage(name: str) -> list[str]:
+        """The lines job stage `name` printed between its opening and closing lines."""
+        opening = text.index(next(line for line in text if line.startswith(f"[demo] {name}: start (")))
+        closing = next(i for i in range(opening + 1, len(text)) if text[i].startswith(f"[demo] {name}: done in "))
         return text[opening + 1:closing]
 
-    train = stage("recovery training")
-    iters = int(re.search(r"\((\d+) iters", next(line for line in text if "recovery training" in line)).group(1))
+    train = stage("05-train")
     logged = [line for line in train if re.match(r"\s+train iter +\d+", line)]
     assert len(logged) == iters // 2, train
-    for prefix in ("convert HF -> Megatron", "eval megatron-core", "prune (", "eval pruned", "eval recovered",
-                   "export recovered"):
-        own = [line for line in stage(prefix) if line.startswith("    ")]
-        assert own, f"stage {prefix!r} streamed none of its own output: {stage(prefix)}"
-    tail = "\n".join(text[-5:])
+    for name in ("01-convert", "03-prune", "06-export", "07-eval"):
+        own = [line for line in stage(name) if line.startswith("    ")]
+        assert own, f"stage {name!r} streamed none of its own output: {stage(name)}"
+    tail = "\n".join(text[-6:])
     for name in ("demo_report.md", "demo.log", "loss_curve.png"):
         assert str(out / name) in tail, tail
     log = (out / "demo.log").read_text()
-    assert all(line.strip() in log for line in logged)
+    assert all(line in log for line in logged)
+    assert all(line.strip() in (out / "compress" / "stages" / "05-train" / "log.txt").read_text() for line in logged)
 
 
 def check_claims(res: dict, out: Path) -> None:

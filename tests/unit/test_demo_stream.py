@@ -1,12 +1,12 @@
-"""The demo's terminal (megatron_prune/demo/pipeline.py): a stage's output streamed line by line, progress-bar
-redraws thinned, and a heartbeat line when a stage is silent."""
+"""The terminal of compress and the demo (megatron_prune/compress/terminal.py): a stage's output streamed line by
+line, progress-bar redraws thinned, and a heartbeat line when a stage is silent."""
 
 from __future__ import annotations
 
 import io
 import time
 
-from megatron_prune.demo import pipeline
+from megatron_prune.compress import terminal as pipeline
 
 
 class Chunks(io.RawIOBase):
@@ -24,8 +24,8 @@ class Chunks(io.RawIOBase):
 
 def pump(chunks: list[bytes], tmp_path, capsys) -> tuple[list[str], list[str], str]:
     keep = []
-    sink = pipeline._LogSink(tmp_path / "demo.log")
-    pipeline._pump(Chunks(chunks), keep, sink)
+    sink = pipeline.LogSink(tmp_path / "demo.log")
+    pipeline.pump(Chunks(chunks), keep, sink, pipeline.Terminal("demo"))
     sink.close()
     return keep, capsys.readouterr().out.splitlines(), (tmp_path / "demo.log").read_text()
 
@@ -51,8 +51,7 @@ def test_progress_bar_redraws_are_thinned_but_its_last_state_shown(tmp_path, mon
 
 
 def test_a_silent_stage_gets_heartbeat_lines(capsys, monkeypatch):
-    term = pipeline.Terminal(heartbeat_s=0.2)
-    monkeypatch.setattr(pipeline, "terminal", term)
+    term = pipeline.Terminal("demo", heartbeat_s=0.2)
     term.begin("eval pruned")
     deadline = time.monotonic() + 30  # a busy machine may wake the heartbeat thread late; it must still come
     while "still running" not in capsys.readouterr().out and time.monotonic() < deadline:
@@ -62,3 +61,17 @@ def test_a_silent_stage_gets_heartbeat_lines(capsys, monkeypatch):
     capsys.readouterr()  # a beat printed before end() returned
     time.sleep(2.5)
     assert "still running" not in capsys.readouterr().out, "heartbeat after the stage ended"
+
+
+def test_the_transcript_holds_what_the_terminal_showed(tmp_path, capsys):
+    """The demo's demo.log: every line the terminal printed, the job's own and the stages' (indented)."""
+    term = pipeline.Terminal("demo")
+    term.copy_to(tmp_path / "demo.log")
+    term.job("01-convert: start (job at 0.0 s)")
+    keep, sink = [], pipeline.LogSink(tmp_path / "stage.log")
+    pipeline.pump(Chunks([b"wrote ckpt\n{\"loss\": 1}\n"]), keep, sink, term)
+    sink.close()
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == ["[demo] 01-convert: start (job at 0.0 s)", "    wrote ckpt"]
+    assert (tmp_path / "demo.log").read_text().splitlines() == shown
+    assert (tmp_path / "stage.log").read_text().splitlines() == ["wrote ckpt", "{\"loss\": 1}"]

@@ -22,7 +22,7 @@ SAMPLE = """# Title
 Run `make demo` first; `torchrun` alone is prose, so is `--tp 2` and `tar czf kit.tgz .`.
 
 ```bash
-bash scripts/eval.sh --load demo_out/megatron-tp3 \\
+bash scripts/eval.sh --load demo_out/compress/stages/01-convert/ckpt \\
   --text-file x.jsonl   # a comment
 # a whole-line comment
 .venv/bin/python -m megatron_prune --help
@@ -47,7 +47,7 @@ def test_markers_tell_commands_from_prose():
     found = [(c.line, c.text, c.runnable) for c in commands(SAMPLE)]
     assert found == [
         (2, "make demo", False),
-        (5, "bash scripts/eval.sh --load demo_out/megatron-tp3 --text-file x.jsonl", True),
+        (5, "bash scripts/eval.sh --load demo_out/compress/stages/01-convert/ckpt --text-file x.jsonl", True),
         (8, ".venv/bin/python -m megatron_prune --help", True),
         (12, "bash scripts/prune_llama.sh --load ckpt/llama2-7b --save pruned --num-layers-remain 24", False),
         (16, "python -m megatron_prune megatron-lm-args --load ckpt", False),
