@@ -14,7 +14,8 @@ Training: the demo's distillation recipe (megatron_prune/demo/stages.py: KD alph
 cosine to 5e-5, fp32, seed 1234, global batch 8 x 128 tokens, micro-batch 4); each round warms up for a tenth of
 its iterations (at least 1; none in a one-iteration round). SmolLM2 comes from the demo's cache (fetched when
 absent, as `make demo` does). Calibration and training: the shipped
-train.jsonl; every model is evaluated on the first --eval-tokens of heldout.jsonl (never calibrated or trained on).
+train.jsonl; every model is evaluated on the first --eval-tokens of heldout.jsonl in windows of 512 tokens, as the
+demo does (never calibrated or trained on).
 "pruned" is the model right after the last round's prune (for K > 1 it has had K - 1 rounds of training).
 (b) The --steps 1 run's stage commands (OUT/stages/*/stage.json "commands", the exact CLI argument lists) run again
 by hand in a fresh directory (paths rewritten to it), one after the other, each as a user types it (`python -m
@@ -29,7 +30,6 @@ print only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -42,13 +42,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import write_section  # noqa: E402
+from benchmarks.common import recovery_parser, write_section  # noqa: E402
 
 SAMPLES = REPO / "megatron_prune" / "data" / "samples"
 CACHE = Path.home() / ".cache" / "megatron_prune"
 SECTION = "compress-bench"
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}   # compress's own default (compress/job.py THREADS)
 SEQ, GBS, MICRO, NPROC = 128, 8, 4, 2
+EVAL_SEQ = 512   # held-out windows, as the demo evaluates (megatron_prune/demo/recipe.py)
 
 
 def log_step(msg: str) -> None:
@@ -86,6 +87,7 @@ def compress_args(args, hf: Path, out: Path, steps: int) -> list[str]:
             "--eval-data", str(SAMPLES / "heldout.jsonl"), "--eval-max-tokens", str(args.eval_tokens),
             "--train-iters", str(args.iters), "--seq-length", str(SEQ), "--global-batch-size", str(GBS),
             "--micro-batch-size", str(MICRO), "--train-args", shlex.join(train_args(args.iters // steps)),
+            "--eval-args", f"--seq-length {EVAL_SEQ}",
             *(["--prune-args", args.prune_args] if args.prune_args else [])]
 
 
@@ -199,7 +201,7 @@ def render(args, runs: dict[int, dict], by_hand: dict | None) -> str:
         f"jobs). SmolLM2-135M-Instruct ({orig['params']:,} parameters, held-out perplexity {orig['perplexity']:.2f}) "
         f"to 50% by `compress --target-params 50% --tp 3 --train-tp 1 --nproc 2 --steps K`: {args.iters} training "
         f"iterations in all ({tokens:,} tokens of the shipped train.jsonl, the same stream for every K), the demo's "
-        f"distillation recipe; perplexity on {orig['tokens']:,} tokens of heldout.jsonl (sequences of {SEQ}). "
+        f"distillation recipe; perplexity on {orig['tokens']:,} tokens of heldout.jsonl (windows of {EVAL_SEQ}). "
         "Round k prunes to P0 x 0.5^(k/K) parameters; 'pruned': right after the last prune (for K > 1 after K - 1 "
         "rounds of training). Wall: the whole job, one uninterrupted run.",
         "",
@@ -271,19 +273,14 @@ def measure(args, work: Path) -> tuple[dict[int, dict], dict | None]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=60, help="training iterations in all, split over the rounds "
-                    "(default 60; global batch 8 x 128 tokens)")
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens evaluated (default 4096)")
+    ap = recovery_parser(__doc__, "training iterations in all, split over the rounds (default 60; global batch "
+                         "8 x 128 tokens)", eval_tokens=4096)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3], help="the --steps values to run "
                     "(default 1 2 3); 1 is the one-shot run, also timed by hand")
     ap.add_argument("--prune-args", default="", help="more options of the prune stages, one quoted string "
                     "(default: none, prune's defaults)")
     ap.add_argument("--no-overhead", action="store_true", help="skip (b), the stage commands run by hand")
-    ap.add_argument("--work", default=None, help="working directory, kept: finished runs are reused (default: a "
-                    "temporary one, removed)")
     ap.add_argument("--render", action="store_true", help="run nothing: the tables from what --work holds")
-    ap.add_argument("--no-write", action="store_true", help="print without writing benchmarks/RESULTS.md")
     args = ap.parse_args()
     if args.render and not args.work:
         ap.error("--render needs --work")
