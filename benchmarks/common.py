@@ -42,11 +42,11 @@ def synthetic_parser(description: str | None, tp: int = 8) -> argparse.ArgumentP
     return ap
 
 
-def recovery_parser(description: str | None, iters_help: str) -> argparse.ArgumentParser:
+def recovery_parser(description: str | None, iters_help: str, eval_tokens: int = 8192) -> argparse.ArgumentParser:
     """The quality benchmarks on SmolLM2 (recovery runs): --iters, --eval-tokens, --work."""
     ap = parser(description)
     ap.add_argument("--iters", type=int, default=60, help=iters_help)
-    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    ap.add_argument("--eval-tokens", type=int, default=eval_tokens, help=f"held-out tokens (default {eval_tokens})")
     ap.add_argument("--work", default=None, help="working directory, finished runs reused (default: a temporary "
                                                  "one, removed)")
     return ap

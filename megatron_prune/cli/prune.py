@@ -89,6 +89,10 @@ def _add_budget_arguments(p) -> None:
     b.add_argument("--max-width-drop", type=float, default=d.max_width_drop,
                    help=f"at most this fraction of hidden, heads per group and FFN removed (default "
                         f"{d.max_width_drop})")
+    b.add_argument("--limits-of", default=None, metavar="MODEL",
+                   help="measure --max-depth-drop / --max-width-drop from this model's sizes instead of --load's: "
+                        "an HF directory or a Megatron checkpoint, e.g. the original of an already pruned --load, "
+                        "so that the prunes together stay within the limits (`compress --steps` passes its source)")
     b.add_argument("--search-candidates", type=int, default=d.candidates,
                    help=f"how many shapes to evaluate by their loss: the maximal shapes of the budget window (no "
                         f"layer, head or width step up fits) ranked by an importance proxy from the calibration "
@@ -126,6 +130,9 @@ def build_config(args):
     if budget and (args.plan or any(v is not None for v in sizes)):
         raise InputError("a budget (--target-params / --target-memory-gb) searches the sizes: do not also give "
                          "sizes, --drop-layers or --plan")
+    if args.limits_of and not budget:
+        raise InputError("--limits-of measures the drop limits of a budget search: give --target-params / "
+                         "--target-memory-gb, or drop it")
     if budget and args.prune_type == "global":
         raise InputError("a budget searches balance-mode shapes (equal shards): drop --prune-type global")
     target = search = None
@@ -151,9 +158,12 @@ def build_config(args):
 def _limits(args):
     from megatron_prune.prune.search_space import SearchLimits
 
+    from megatron_prune.prune.search_run import limits_reference
+
+    reference = limits_reference(args.limits_of) if args.limits_of else None
     return SearchLimits(width_multiple=args.width_multiple, max_depth_drop=args.max_depth_drop,
                         max_width_drop=args.max_width_drop, candidates=args.search_candidates,
-                        megatron_only_shapes=args.megatron_only_shapes)
+                        megatron_only_shapes=args.megatron_only_shapes, reference=reference)
 
 
 def _shape_line(s) -> str:

@@ -60,6 +60,8 @@ HELP: dict[str, tuple[str, tuple[str, ...]]] = {
                   ("--tokenizer-model",)),
     "eod_mask_loss": ("no loss on end-of-document tokens", ()),
     "seed": ("random seed (data order, initialisation of new state)", ()),
+    "skip_samples": ("start at this sample of the data order, to continue another run's data (e.g. the previous "
+                     "prune/recover round's: its iterations x global batch); a resumed run counts on from it", ()),
     "eval_interval": ("evaluate every N iterations (0: only at the end)", ()),
     "eval_iters": ("validation global batches per evaluation (0: no evaluation)", ()),
     "log_interval": ("log every N iterations", ()),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from megatron_prune.compress.plan import Command, Stage, _subcommand
 from megatron_prune.compress.recipe import NO_BUDGET, Recipe
-from megatron_prune.errors import InputError
+from megatron_prune.errors import InputError, UserError
 
 
 def source_shape(hf_dir: str):
@@ -50,14 +50,14 @@ def check_job(recipe: Recipe, stages: list[Stage]) -> None:
     for stage in stages:
         for cmd, args in zip(stage.commands, parsed[stage.name]):
             if stage.kind == "prune" and stage is next(s for s in stages if s.kind == "prune"):
-                _check_budget(args, shape, recipe)
+                _check_budget(args, shape, recipe.tp, recipe)
             elif stage.kind == "train":
-                _check_training(args, cmd, recipe)
+                _check_round_training(stage, args, cmd, recipe)
             elif stage.kind == "eval" and cmd.label == "original":
                 _check_eval_text(args, recipe)
-    if recipe.steps > 1:
+    if recipe.steps > 1:  # the last round's budget, at the TP it runs at: the trained student's
         last = [s for s in stages if s.kind == "prune"][-1]
-        _check_budget(_parse(last.commands[0]), shape, recipe)
+        _check_budget(_parse(last.commands[0]), shape, recipe.training_tp, recipe)
 
 
 def _parse(cmd: Command):
@@ -76,8 +76,8 @@ def _check_output(recipe: Recipe) -> None:
                                    **{f"--train-data {d}": d for d in recipe.train_data}})
 
 
-def _check_budget(args, shape, recipe: Recipe) -> None:
-    """The search space of the budget, on the source shape (what `prune --dry-run` lists)."""
+def _check_budget(args, shape, tp: int, recipe: Recipe) -> None:
+    """The search space of the budget, on the source shape at `tp` (what `prune --dry-run` lists)."""
     from megatron_prune.cli.prune import build_config
     from megatron_prune.prune.search_run import find_candidates
 
@@ -88,7 +88,19 @@ def _check_budget(args, shape, recipe: Recipe) -> None:
             raise InputError(f"{recipe.source}: {NO_BUDGET}") from None
         raise
     if cfg.search is not None:
-        find_candidates(shape, recipe.tp, recipe.hf_dir, cfg.search)
+        find_candidates(shape, tp, recipe.hf_dir, cfg.search)
+
+
+def _check_round_training(stage: Stage, args, cmd: Command, recipe: Recipe) -> None:
+    """A round's training: its problems name the round's share of --train-iters (the train flags apply to every
+    round, e.g. a --lr-warmup-iters longer than a round)."""
+    try:
+        _check_training(args, cmd, recipe)
+    except UserError as e:
+        if recipe.steps == 1:
+            raise
+        raise InputError(f"{stage.name}: {args.train_iters} of the --train-iters {recipe.train_iters} in --steps "
+                         f"{recipe.steps} rounds: {e}") from None
 
 
 def _check_training(args, cmd: Command, recipe: Recipe) -> None:

@@ -69,7 +69,7 @@ def build_stages(recipe: Recipe, source_params: int, data_is_file: tuple[bool, .
         student = pruned
         if k == 1 and r.training_tp != r.tp:
             student, teacher = _reshard(b, pruned, teacher)
-        student = _train(b, student, teacher, data, iters[k - 1], k)
+        student = _train(b, student, teacher, data, iters[k - 1], k, skip=sum(iters[:k - 1]) * r.global_batch_size)
     exported = _export(b, pruned, student)
     _evaluate(b, {"original": b.stages[0].outputs["ckpt"], "pruned": pruned, "recovered": student})
     b.add("publish", "publish", [], {}, publish=exported)
@@ -106,12 +106,15 @@ def round_target(r: Recipe, source_params: int, k: int) -> list[str]:
 
 
 def _prune(b: _Builder, load: str, k: int) -> str:
+    """Round k's prune. From round 2 on, the drop limits (--max-depth-drop / --max-width-drop) are measured from
+    the source model, not from the previous round's: the rounds together stay within them, as one prune does."""
     r = b.r
     name = "prune" if r.steps == 1 else f"prune-{k}"
     calib = ["--calib-data", r.calib_data] if r.calib_data else []
+    limits = ["--limits-of", r.hf_dir] if k > 1 else []
     return b.add(name, "prune", [Command(
         ("prune", "--load", load, "--save", str(b.out(name) / "ckpt"), *round_target(r, b.p0, k), *calib,
-         "--no-progress", "--json", *r.prune_args), torchrun=True)],
+         *limits, "--no-progress", "--json", *r.prune_args), torchrun=True)],
         {"ckpt": "ckpt"}, inputs=[r.calib_data] if r.calib_data else [])["ckpt"]
 
 
@@ -124,13 +127,16 @@ def _reshard(b: _Builder, student: str, teacher: str) -> tuple[str, str]:
     return outs["student"], outs["teacher"]
 
 
-def _train(b: _Builder, student: str, teacher: str, data: list[str], iters: int, k: int) -> str:
+def _train(b: _Builder, student: str, teacher: str, data: list[str], iters: int, k: int, skip: int) -> str:
+    """Round k's recovery; its data continues where the previous rounds' stopped (`skip` samples), so K rounds
+    read the same token stream as one run of all the iterations (not the first rounds' samples again)."""
     r = b.r
     name = "train" if r.steps == 1 else f"train-{k}"
     micro = ["--micro-batch-size", str(r.micro_batch_size)] if r.micro_batch_size else []
+    skipped = ["--skip-samples", str(skip)] if skip else []
     args = ("train", "--load", student, "--save", str(b.out(name) / "ckpt"), "--teacher-load", teacher,
             "--data-path", *data, "--tp", str(r.training_tp), "--train-iters", str(iters), "--seq-length",
-            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro,
+            str(r.seq_length), "--global-batch-size", str(r.global_batch_size), *micro, *skipped,
             # validation inside training off: the eval stage measures every model on --eval-data (give
             # --train-args "--eval-iters N" for it; a later flag wins)
             "--eval-iters", "0", *r.train_args)

@@ -57,8 +57,9 @@ class Recipe:
             # (or the sizes themselves in --prune-args, as the demo's recipe does; prune's own parser checks them)
             raise ConfigError(f"{self.source}: {NO_BUDGET}")
         if self.steps > 1 and self.target_params is None:
-            raise ConfigError(f"{self.source}: --steps {self.steps} reaches --target-params in steps: give "
-                              f"--target-params")
+            raise ConfigError(f"{self.source}: --steps {self.steps} splits the parameter budget into rounds "
+                              f"(geometrically); a memory budget alone is not split: give --target-params too "
+                              f"(--target-memory-gb {self.target_memory_gb} then caps the last round)")
         if self.train_iters < self.steps:
             raise ConfigError(f"{self.source}: --train-iters {self.train_iters} is fewer than --steps "
                               f"{self.steps}: every round trains at least one iteration")
@@ -112,6 +113,8 @@ def build_recipe(file_values: Mapping[str, Any], cli_values: Mapping[str, Any], 
         if missing:
             raise ConfigError(f"{source}: missing {', '.join(missing)}")
         return Recipe(**values, source=source)
+    except ConfigError:  # Recipe's own checks: the message names the source already
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -113,6 +113,22 @@ def _finite(x: float) -> float | None:
 
 
 # ----------------------------------------------------------------------------- checks (before any work)
+def limits_reference(path: str | Path) -> LlamaShape:
+    """The sizes of an HF model directory or a Megatron checkpoint (`--limits-of`: what the drop limits are
+    measured from)."""
+    from megatron_prune.config.shape import read_hf_config
+
+    p = Path(path)
+    if (p / "config.json").is_file() and not (p / mio.TRACKER).is_file():
+        try:
+            return LlamaShape.from_hf_config(read_hf_config(p))
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--limits-of {path}: not a LLaMA config ({e})") from None
+    if not p.is_dir():
+        raise InputError(f"--limits-of {path}: no such directory (an HF model or a Megatron checkpoint)")
+    return mio.read_meta(p).shape
+
+
 def find_candidates(src: LlamaShape, tp: int, load: str | Path, search_cfg: SearchConfig) -> Space:
     """The budget of the flags and its search space (no tensors read)."""
     s = search_cfg

@@ -13,7 +13,8 @@ does (select.PruneTarget). A valid shape is
 - made of widths (hidden, FFN) that are multiples of `width_multiple`, or the source's own width. The multiple is
   for quantization and GEMM tiles, which see widths; layer and head counts take any value;
 - within the limits: at most `max_depth_drop` of the layers and `max_width_drop` of each width (hidden, heads
-  per group or MHA heads, FFN) removed.
+  per group or MHA heads, FFN) removed - of the source's sizes, or of `limits.reference`'s (the original model of
+  an already pruned source: several rounds then stay within the limits together, as one prune would).
 
 The window: valid shapes within [lower x budget, budget] of the parameters (or of the memory when only memory is
 given; with both, also at most the memory). `lower` starts at 95% and widens by 5 points while the window holds
@@ -69,6 +70,9 @@ class SearchLimits:
     max_width_drop: float = 0.5   # fraction of each width (hidden, heads, FFN) that may be removed
     candidates: int = 8           # how many shapes (the proxy's best) are evaluated by their loss
     megatron_only_shapes: bool = False  # also shapes transformers >= 5 cannot load (hidden % heads != 0)
+    # the sizes the drop limits are measured from (None: the source's): the original model when the source is
+    # already pruned, so that rounds of pruning stay within the limits together (`prune --limits-of`)
+    reference: LlamaShape | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.width_multiple, int) or self.width_multiple < 1:
@@ -105,9 +109,7 @@ class Candidate:
         return hf_config_warning(self.shape) is None
 
     def line(self) -> str:
-        s = self.shape
-        return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
-                f"ffn={s.ffn_hidden_size}")
+        return shape_line(self.shape)
 
 
 @dataclass(frozen=True)
@@ -139,29 +141,41 @@ class Space:
                 f"up fits the budget)")
 
     def to_json(self) -> dict:
+        ref = self.limits.reference
         return {"window": [self.lower, 1.0], "widened": self.widened, "valid_shapes": self.valid,
                 "maximal_shapes": len(self.shapes), "width_multiple": self.limits.width_multiple,
-                "megatron_only_shapes": self.limits.megatron_only_shapes}
+                "megatron_only_shapes": self.limits.megatron_only_shapes,
+                **({"limits_of": ref.to_dict()} if ref is not None else {})}
 
 
 # ----------------------------------------------------------------------------- axes
-def _kept_range(n: int, drop: float) -> range:
-    """n' in [n - floor(n * drop), n]: at most `drop` of n removed, at least 1 kept."""
-    return range(max(1, n - math.floor(n * drop)), n + 1)
+def _kept_range(n: int, drop: float, ref: int | None = None) -> range:
+    """n' in [ref - floor(ref * drop), n] (ref: n unless given): at most `drop` of ref removed, at least 1 kept;
+    n alone when n is below that already."""
+    ref = n if ref is None else ref
+    return range(min(n, max(1, ref - math.floor(ref * drop))), n + 1)
 
 
-def _widths(n: int, multiple: int, drop: float, divisor: int = 1) -> list[int]:
-    """Multiples of `multiple` (and `divisor`) that keep at least (1 - drop) of n, plus n itself, ascending."""
-    out = {v for v in _kept_range(n, drop) if v % multiple == 0 and v % divisor == 0}
+def _widths(n: int, multiple: int, drop: float, divisor: int = 1, ref: int | None = None) -> list[int]:
+    """Multiples of `multiple` (and `divisor`) that keep at least (1 - drop) of ref (default n), plus n itself,
+    ascending."""
+    out = {v for v in _kept_range(n, drop, ref) if v % multiple == 0 and v % divisor == 0}
     return sorted(out | {n})
 
 
-def _attention(src: LlamaShape, tp: int, drop: float) -> list[tuple[int, int]]:
+def _attention(src: LlamaShape, tp: int, drop: float, ref: LlamaShape | None = None) -> list[tuple[int, int]]:
     """(heads, groups) options, ascending. GQA keeps its groups; MHA stays MHA and needs groups % TP == 0."""
+    ref = ref or src
     g0 = src.num_query_groups
     if g0 == src.num_attention_heads:
-        return [(h, h) for h in _kept_range(g0, drop) if h % tp == 0]
-    return [(g0 * k, g0) for k in _kept_range(src.heads_per_group, drop)]
+        return [(h, h) for h in _kept_range(g0, drop, ref.num_attention_heads) if h % tp == 0]
+    return [(g0 * k, g0) for k in _kept_range(src.heads_per_group, drop, ref.heads_per_group)]
+
+
+def shape_line(s: LlamaShape) -> str:
+    """'layers=20 hidden=480 heads=6/3 ffn=1020': the searched sizes of a shape."""
+    return (f"layers={s.num_layers} hidden={s.hidden_size} heads={s.num_attention_heads}/{s.num_query_groups} "
+            f"ffn={s.ffn_hidden_size}")
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -237,10 +251,11 @@ class _Grid:
 
     def __init__(self, src: LlamaShape, tp: int, budget: Budget, limits: SearchLimits):
         self.src, self.budget, self.limits = src, budget, limits
-        self.ffns = _widths(src.ffn_hidden_size, limits.width_multiple, limits.max_width_drop, divisor=tp)
-        self.hiddens = _widths(src.hidden_size, limits.width_multiple, limits.max_width_drop)
-        self.attention = _attention(src, tp, limits.max_width_drop)
-        self.layers = _kept_range(src.num_layers, limits.max_depth_drop)
+        ref, m, wd = limits.reference or src, limits.width_multiple, limits.max_width_drop
+        self.ffns = _widths(src.ffn_hidden_size, m, wd, divisor=tp, ref=ref.ffn_hidden_size)
+        self.hiddens = _widths(src.hidden_size, m, wd, ref=ref.hidden_size)
+        self.attention = _attention(src, tp, wd, ref)
+        self.layers = _kept_range(src.num_layers, limits.max_depth_drop, ref.num_layers)
 
         allowed = {(h, a): self._loadable(h, *a) for h in self.hiddens for a in self.attention}
         self.pairs = [(h, a) for (h, a), ok in allowed.items() if ok]  # (hidden, (heads, groups)) of valid shapes
@@ -362,7 +377,8 @@ def find_space(src: LlamaShape, tp: int, budget: Budget | int, limits: SearchLim
     flags = ", ".join(f for f, given in (("--target-params", budget.params), ("--target-memory-gb", budget.memory),
                                          ("--memory-seq-length", budget.memory)) if given is not None)
     more = "" if limits.megatron_only_shapes else ", --megatron-only-shapes"
+    of = f" of {shape_line(limits.reference)}" if limits.reference else ""
     raise BudgetError(f"no shape within {100 * LOWERS[-1]:.0f}-100% of {budget.describe()} at TP {tp} (width "
                       f"multiple {limits.width_multiple}, at most {limits.max_depth_drop:g} of layers and "
-                      f"{limits.max_width_drop:g} of widths dropped, {limits.shape_set()}); {hint}; loosen "
+                      f"{limits.max_width_drop:g} of widths dropped{of}, {limits.shape_set()}); {hint}; loosen "
                       f"--width-multiple, --max-width-drop or --max-depth-drop{more}, or change {flags}")

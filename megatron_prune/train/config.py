@@ -81,6 +81,7 @@ class TrainConfig:
     tokenizer: str | None = None         # default: the tokenizer files inside --load
     eod_mask_loss: bool = False
     seed: int = 1234
+    skip_samples: int = 0                # start at this sample of the data order (continue another run's data)
     # --- evaluation and logging
     eval_interval: int = 0               # 0: evaluate only at the end
     eval_iters: int = 10                 # validation batches per evaluation (0: never evaluate)
@@ -109,7 +110,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("save_interval", "keep_last", "exit_interval", "lr_warmup_iters", "eval_interval",
-                     "eval_iters"):
+                     "eval_iters", "skip_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.train_iters is None and self.train_tokens is None:
@@ -133,9 +134,10 @@ class TrainConfig:
         if not 0.0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= --min-lr <= --lr (--min-lr {self.min_lr}, --lr {self.lr})")
         decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.iterations
-        if self.lr_warmup_iters > decay:
-            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
-                              f"(--lr-decay-iters {self.lr_decay_iters}, training iterations {self.iterations})")
+        if self.lr_warmup_iters >= decay:  # megatron-core's scheduler asserts warm-up < decay
+            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} must be fewer than the decay iterations "
+                              f"{decay} (--lr-decay-iters {self.lr_decay_iters}, training iterations "
+                              f"{self.iterations})")
         if self.weight_decay < 0 or self.clip_grad < 0 or self.adam_eps <= 0:
             raise ConfigError(f"need --weight-decay >= 0, --clip-grad >= 0, --adam-eps > 0 (--weight-decay "
                               f"{self.weight_decay}, --clip-grad {self.clip_grad}, --adam-eps {self.adam_eps})")

@@ -80,11 +80,12 @@ def build_datasets(cfg: TrainConfig, tokenizer) -> DataSplits:
     ds_cfg = dataset_config(cfg, tokenizer)
     has_valid = bool(cfg.valid_data_path) or parse_split(cfg.split)[1] > 0
     valid_samples = cfg.eval_iters * cfg.global_batch_size if has_valid and cfg.eval_iters else None
-    sizes = [cfg.iterations * cfg.global_batch_size, valid_samples, None]
+    sizes = [cfg.skip_samples + cfg.iterations * cfg.global_batch_size, valid_samples, None]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
     if train is None or len(train) < sizes[0]:
+        skip = f" after --skip-samples {cfg.skip_samples}" if cfg.skip_samples else ""
         raise ConfigError(f"train dataset has {0 if train is None else len(train)} samples, the run needs "
-                          f"{sizes[0]} (iterations {cfg.iterations} x global batch {cfg.global_batch_size})")
+                          f"{sizes[0]} (iterations {cfg.iterations} x global batch {cfg.global_batch_size}{skip})")
     if valid_samples and (valid is None or len(valid) < valid_samples):
         have = 0 if valid is None else len(valid)
         raise ConfigError(f"validation split has {have} samples of {cfg.seq_length} tokens, evaluation needs "

@@ -441,7 +441,8 @@ def _one_iteration(session: Session, writer: MetricsWriter, window: IntervalStat
     """Run, log, evaluate and save one iteration; True when training should stop (exit interval)."""
     cfg, p = session.cfg, session.progress
     start = time.perf_counter()
-    res = train_step(session, micro_batches(session.data.train, session.plan, p.consumed_train_samples))
+    first = cfg.skip_samples + p.consumed_train_samples  # this run's data continues after the skipped samples
+    res = train_step(session, micro_batches(session.data.train, session.plan, first))
     seconds = time.perf_counter() - start
     session.progress = p = ckpt.Progress(p.iteration + 1, p.consumed_train_samples + cfg.global_batch_size)
     result.history.append({"iteration": p.iteration, "lm_loss": res.lm_loss, "kd_loss": res.kd_loss,

@@ -41,13 +41,14 @@ def make_inputs(root: Path) -> dict[str, Path]:
 
 
 def compress(inputs: dict[str, Path], out: Path, iters: int = 2, train_args: str = "--log-interval 1",
-             **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """scripts/compress.sh with some settings as variables and the others as flags."""
+             extra: tuple[str, ...] = (), **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """scripts/compress.sh with some settings as variables and the others as flags (`extra`: more flags, which
+    win over the variables)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_DIR": str(inputs["hf"]),
            "TARGET_PARAMS": "50%", "TP": "2", "TRAIN_ITERS": str(iters), "PRUNE_ARGS": PRUNE_ARGS}
     cmd = ["bash", str(ROOT / "scripts" / "compress.sh"), "--save", str(out), "--train-data", str(inputs["train"]),
            "--eval-data", str(inputs["eval"]), "--calib-data", str(inputs["train"]), "--seq-length", str(SEQ),
-           "--global-batch-size", "4", "--eval-max-tokens", str(EVAL_TOKENS), "--train-args", train_args]
+           "--global-batch-size", "4", "--eval-max-tokens", str(EVAL_TOKENS), "--train-args", train_args, *extra]
     if popen:
         return subprocess.Popen(cmd, env=env, **popen)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -115,10 +116,14 @@ def _transformers_loss(model_dir: Path, text: str) -> float:
 
 
 def test_reported_losses_equal_transformers_on_each_exported_model(job):
-    out, report, inputs = job["out"], job["report"], job["inputs"]
+    assert_losses_equal_transformers(job["report"], job["inputs"], job["out"] / "stages" / "05-export")
+
+
+def assert_losses_equal_transformers(report: dict, inputs: dict[str, Path], export: Path) -> None:
+    """The report's loss, perplexity and token count of each model = transformers' own evaluation of it: the
+    source HF model, the export stage's pruned-hf and the published OUT/hf."""
     text = inputs["eval"].read_text()
-    exported = {"original": inputs["hf"], "pruned": out / "stages" / "05-export" / "pruned-hf",
-                "recovered": out / "hf"}
+    exported = {"original": inputs["hf"], "pruned": export / "pruned-hf", "recovered": Path(report["hf"])}
     for name, model_dir in exported.items():
         measured = _transformers_loss(model_dir, text)
         reported = report["models"][name]

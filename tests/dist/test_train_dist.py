@@ -154,14 +154,15 @@ def _losses(run: dict) -> list[float]:
     return [h["lm_loss"] for h in run["history"]]
 
 
-def _first_batch(ws: dict, split: str = "train", **cfg_kw):
+def _first_batch(ws: dict, split: str = "train", first: int = 0, **cfg_kw):
+    """The global batch of samples [first, first + GBS) of the dataset a run with `cfg_kw` builds."""
     from megatron_prune.data.tokenizers import load_tokenizer
     from megatron_prune.train.config import TrainConfig
     from megatron_prune.train.data import build_datasets
 
     cfg = TrainConfig(**_cfg(ws, "tp1", **cfg_kw))
     data = getattr(build_datasets(cfg, load_tokenizer(ws["root"] / "hf")), split)
-    batch = [data[i] for i in range(GBS)]
+    batch = [data[i] for i in range(first, first + GBS)]
     return tuple(torch.stack([torch.as_tensor(b[k]) for b in batch]) for k in ("tokens", "labels", "loss_mask"))
 
 
@@ -172,9 +173,10 @@ def _hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
         return LlamaForCausalLM.from_pretrained(path).eval()(tokens).logits.float()
 
 
-def _hf_first_batch_loss(ws: dict, model: str = "hf", split: str = "train", **cfg_kw) -> float:
-    """Independent reference: HF transformers on the first global batch of the same GPTDataset."""
-    tokens, labels, mask = _first_batch(ws, split, **cfg_kw)
+def _hf_first_batch_loss(ws: dict, model: str = "hf", split: str = "train", first: int = 0, **cfg_kw) -> float:
+    """Independent reference: HF transformers on the first global batch of the same GPTDataset (or the one at
+    sample `first`)."""
+    tokens, labels, mask = _first_batch(ws, split, first, **cfg_kw)
     logits = _hf_logits(ws["root"] / model, tokens)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     mask = mask.float().reshape(-1)
@@ -205,6 +207,22 @@ def test_first_iteration_loss_agrees_across_layouts(runs, ws):
     got = {name: _losses(runs[name])[0] for name in ("tp1", "tp2_30", "dp2", "dp2_distopt", "pp2", "sp")}
     for name, loss in got.items():
         assert abs(loss - ref) <= 1e-4, f"{name}: first-iteration loss {loss:.7f} vs HF reference {ref:.7f}"
+
+
+def test_skip_samples_starts_at_that_global_batch(ws):
+    """--skip-samples N: a fresh run's first iteration trains on samples [N, N + gbs) of the order a run without it
+    reads from 0 (one run of 6 iterations = 3 iterations, then 3 more with --skip-samples 3 x gbs: what compress's
+    rounds rely on). A one-process launch of its own, so that this test runs without the shared `runs`."""
+    skip = 3 * GBS
+    cases = [{"name": "skip", "cfg": _cfg(ws, "tp1", train_iters=2, skip_samples=skip)}]
+    out = run_distributed(1, "tests.dist.train_cases:main", {"cases": cases}, timeout=600)[0]["skip"]
+    # the dataset is sized for skip + the run's samples; within one epoch its order is that of a run from 0
+    continued = _first_batch(ws, first=skip, train_iters=2, skip_samples=skip)
+    assert all(torch.equal(a, b) for a, b in zip(continued, _first_batch(ws, first=skip, train_iters=5)))
+    ref = _hf_first_batch_loss(ws, first=skip, train_iters=2, skip_samples=skip)
+    assert ref != pytest.approx(_hf_first_batch_loss(ws), abs=1e-3)  # another batch than the first
+    assert abs(_losses(out)[0] - ref) <= 1e-4, (_losses(out)[0], ref)
+    assert [h["iteration"] for h in out["history"]] == [1, 2]
 
 
 def test_script_entry_point_logs_and_saves(runs, ws):

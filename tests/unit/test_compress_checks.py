@@ -45,9 +45,15 @@ def refused(capsys, args: list[str], start: str) -> None:
     ({"--tp": "3"}, "TP 3 does not divide 8 heads"),
     ({"--train-data": "/nonexistent/data"}, "--train-data /nonexistent/data: no such file"),
     ({"--prune-args": "--width-multiple 8 --bogus 1"}, "unrecognized arguments: --bogus"),
-    ({"--train-iters": "0"}, "--train-iters must be a positive integer"),
+    ({"--train-iters": "0"}, "error: arguments: --train-iters must be a positive integer"),
     ({"--global-batch-size": "3", "--micro-batch-size": "2"}, "batch"),
     ({"--target-params": None}, "give a budget"),
+    # rounds split a parameter count; the recipe's message once prefixed (not "arguments: arguments:")
+    ({"--target-params": None, "--target-memory-gb": "0.001", "--steps": "2"},
+     "error: arguments: --steps 2 splits the parameter budget into rounds"),
+    # the train flags apply to every round: a warm-up as long as a round is refused before any stage
+    ({"--steps": "2", "--train-args": "--lr-warmup-iters 1"}, "error: 04-train-1: 1 of the --train-iters 2 in "
+     "--steps 2 rounds: --lr-warmup-iters 1 must be fewer than the decay iterations 1"),
 ])
 def test_bad_input_is_one_line_before_any_stage(hf, tmp_path, capsys, changes, start):
     out = tmp_path / "out"
@@ -91,8 +97,16 @@ def test_steps_reach_the_budget_geometrically(hf):
     targets = [s.commands[0].args[s.commands[0].args.index("--target-params") + 1] for s in stages
                if s.kind == "prune"]
     assert targets == ["500", "250"]  # 1000 x 0.25^(1/2), then 1000 x 0.25
-    iters = [s.commands[0].args[s.commands[0].args.index("--train-iters") + 1] for s in stages if s.kind == "train"]
-    assert iters == ["2", "2"]
+    # round 2's drop limits are measured from the source, so that both rounds stay within them together
+    prunes = [s.commands[0].args for s in stages if s.kind == "prune"]
+    assert "--limits-of" not in prunes[0] and prunes[1][prunes[1].index("--limits-of") + 1] == str(hf)
+    trains = [s.commands[0].args for s in stages if s.kind == "train"]
+    assert [a[a.index("--train-iters") + 1] for a in trains] == ["2", "2"]
+    # round 2 reads the data after round 1's 2 x 4 samples, not round 1's again
+    assert "--skip-samples" not in trains[0] and trains[1][trains[1].index("--skip-samples") + 1] == "8"
+    reshards = [s for s in stages if s.kind == "reshard"]
+    assert [c.args[c.args.index("--load") + 1] for c in reshards[0].commands] == [
+        stages[1].outputs["ckpt"], stages[0].outputs["ckpt"]]  # the round-1 student and the teacher, once
 
 
 def test_help(capsys):

@@ -78,7 +78,17 @@ SOURCES = {  # name: (source, tp, budget fraction, limits)
     "mha-tp2-mc": (LlamaShape(num_layers=6, hidden_size=120, ffn_hidden_size=344, num_attention_heads=8,
                               num_query_groups=8, kv_channels=16, vocab_size=512), 2, 0.55,
                    SearchLimits(8, megatron_only_shapes=True, candidates=5)),  # hidden 120: 8 heads do not divide it
+    # round 2 of `compress --steps 2`: a pruned source, the limits measured from the original (--limits-of)
+    "smol-round2-tp1": (SMOL.replace(num_layers=22, hidden_size=512, ffn_hidden_size=1152), 1, 0.5,
+                        SearchLimits(32, reference=SMOL)),
+    # a source already below the reference's floor on hidden (40 < 96 / 2) and heads per group (1 of 2 kept)
+    "gqa-round2-below": (LlamaShape(num_layers=6, hidden_size=40, ffn_hidden_size=200, num_attention_heads=4,
+                                    num_query_groups=4, kv_channels=16, vocab_size=500), 2, 0.8,
+                         SearchLimits(8, reference=LlamaShape(num_layers=8, hidden_size=96, ffn_hidden_size=256,
+                                                              num_attention_heads=8, num_query_groups=4,
+                                                              kv_channels=16, vocab_size=500))),
 }
+ROUND2 = {"smol-round2-tp1": SMOL.num_params() * 0.4}   # budgets given in parameters of the original
 
 
 def hand_validated(src: LlamaShape, tp: int, s: LlamaShape, hf: bool = True) -> LlamaShape:
@@ -93,21 +103,25 @@ def hand_validated(src: LlamaShape, tp: int, s: LlamaShape, hf: bool = True) -> 
 
 def brute_force(src: LlamaShape, tp: int, limits: SearchLimits) -> list[tuple[int, LlamaShape]]:
     """Every shape inside the limits that hand validation accepts, with its parameter count, by plain loops
-    (transformers' rule too, unless limits.megatron_only_shapes)."""
+    (transformers' rule too, unless limits.megatron_only_shapes). Sizes never grow; the limits are fractions of
+    limits.reference's sizes when given (the source's own size always allowed)."""
     m, wd, dd = limits.width_multiple, limits.max_width_drop, limits.max_depth_drop
+    ref = limits.reference or src
 
-    def widths(n):
-        return [v for v in range(1, n + 1) if (v % m == 0 or v == n) and n - v <= n * wd]
+    def widths(n, r):
+        return [v for v in range(1, n + 1) if (v % m == 0 or v == n) and (r - v <= r * wd or v == n)]
 
     mha = src.num_query_groups == src.num_attention_heads
-    def counts(n):  # head counts are not widths: no multiple
-        return [v for v in range(1, n + 1) if n - v <= n * wd]
+    def counts(n, r):  # head counts are not widths: no multiple
+        return [v for v in range(1, n + 1) if r - v <= r * wd or v == n]
 
-    heads = counts(src.num_attention_heads) if mha else [src.num_query_groups * k for k in counts(src.heads_per_group)]
+    heads = counts(src.num_attention_heads, ref.num_attention_heads) if mha else [
+        src.num_query_groups * k for k in counts(src.heads_per_group, ref.heads_per_group)]
     out = []
     for layers, hidden, h, ffn in itertools.product(
-            [n for n in range(1, src.num_layers + 1) if src.num_layers - n <= src.num_layers * dd],
-            widths(src.hidden_size), heads, widths(src.ffn_hidden_size)):
+            [n for n in range(1, src.num_layers + 1) if ref.num_layers - n <= ref.num_layers * dd
+             or n == src.num_layers],
+            widths(src.hidden_size, ref.hidden_size), heads, widths(src.ffn_hidden_size, ref.ffn_hidden_size)):
         groups = h if mha else src.num_query_groups
         s = src.replace(num_layers=layers, hidden_size=hidden, num_attention_heads=h, num_query_groups=groups,
                         ffn_hidden_size=ffn)
@@ -145,7 +159,7 @@ def brute_space(src, tp, limits, budget: int):
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_maximal_shapes_pass_hand_validation_and_meet_the_budget(name):
     src, tp, frac, limits = SOURCES[name]
-    budget = int(src.num_params() * frac)
+    budget = int(ROUND2.get(name, src.num_params() * frac))
     space = find_space(src, tp, budget, limits)
     assert space.shapes and space.valid >= len(space.shapes)
     for c in space.shapes:
@@ -153,8 +167,9 @@ def test_maximal_shapes_pass_hand_validation_and_meet_the_budget(name):
         assert c.params == c.shape.num_params() and space.lower * budget <= c.params <= budget
         for got, orig in ((c.shape.hidden_size, src.hidden_size), (c.shape.ffn_hidden_size, src.ffn_hidden_size)):
             assert got == orig or got % limits.width_multiple == 0
-        assert c.shape.num_layers >= src.num_layers * (1 - limits.max_depth_drop)
-        assert c.shape.hidden_size >= src.hidden_size * (1 - limits.max_width_drop)
+        ref = limits.reference or src
+        assert c.shape.num_layers >= min(src.num_layers, ref.num_layers * (1 - limits.max_depth_drop))
+        assert c.shape.hidden_size >= min(src.hidden_size, ref.hidden_size * (1 - limits.max_width_drop))
     gaps = [budget - c.params for c in space.shapes]
     assert gaps == sorted(gaps)
 
@@ -164,7 +179,7 @@ def test_space_matches_a_brute_force_enumeration(name):
     """The window (and how far it widened), the count of valid shapes in it and its maximal shapes, against plain
     loops over every shape and pairwise comparisons."""
     src, tp, frac, limits = SOURCES[name]
-    budget = int(src.num_params() * frac)
+    budget = int(ROUND2.get(name, src.num_params() * frac))
     lower, inside, maximal = brute_space(src, tp, limits, budget)
     space = find_space(src, tp, budget, limits)
     assert (space.lower, space.valid) == (lower, len(inside))
@@ -207,6 +222,19 @@ def test_unreachable_budget_names_the_closest_shape():
     assert named.num_params() == int(m.group(6).replace(",", "")) and abs(named.num_params() - budget) == closest
     assert isinstance(e.value, UserError) and hand_validated(src, tp, named) == named
     assert "--megatron-only-shapes" in str(e.value)
+
+
+def test_limits_of_the_original_keep_a_second_round_within_what_one_prune_may_reach():
+    """Round 2 of SmolLM2 to 40% from a 22-layer round-1 shape: with the limits measured from the round's own
+    source, it may drop to 13 layers (more than half of the original's 30); measured from the original
+    (`--limits-of`), every shape keeps at least 15 layers, hidden 288 and 2 of 3 heads per group."""
+    src, budget = SOURCES["smol-round2-tp1"][0], int(ROUND2["smol-round2-tp1"])
+    own = find_space(src, 1, budget, SearchLimits(32, candidates=64)).shapes
+    assert min(c.shape.num_layers for c in own) < 15   # the limits of one prune alone would be exceeded
+    of_original = find_space(src, 1, budget, SearchLimits(32, candidates=64, reference=SMOL))
+    assert of_original.shapes and all(c.shape.num_layers >= 15 and c.shape.hidden_size >= 288
+                                      and c.shape.num_attention_heads >= 6 for c in of_original.shapes)
+    assert of_original.to_json()["limits_of"]["num_layers"] == 30
 
 
 @pytest.mark.parametrize("kw, message", [(dict(width_multiple=0), "--width-multiple"),
@@ -259,6 +287,25 @@ def test_cli_dry_run_prints_the_table_and_writes_nothing(ckpt, capsys):
         assert int(r[5].replace(",", "")) == s.num_params() and lower * budget <= s.num_params() <= budget
 
 
+def test_cli_limits_of_another_model(ckpt, capsys, tmp_path):
+    """--limits-of: the drop limits measured from another model's sizes (an HF config here, a Megatron checkpoint
+    read alike): of 8 layers, at most 4 may go, so the 4-layer --load keeps all of its layers."""
+    from megatron_prune.prune.search_run import limits_reference
+
+    config = json.loads((ckpt / "hf" / "config.json").read_text())
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
+    assert limits_reference(ckpt / "hf") == limits_reference(ckpt / "tp2").replace(dtype=limits_reference(
+        ckpt / "hf").dtype)
+    layers = {}
+    for name, extra in (("own", []), ("of", ["--limits-of", str(tmp_path / "ref")])):
+        rc = _prune(ckpt, "--target-params", "60%", "--width-multiple", "8", "--dry-run", *extra)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        layers[name] = {int(m) for m in re.findall(r"\d+\s+layers=(\d+)", out)}
+    assert min(layers["own"]) < 4 and layers["of"] == {4}
+
+
 def test_cli_megatron_only_shapes_adds_an_hf_column(ckpt, capsys):
     rc = _prune(ckpt, "--target-params", "60%", "--width-multiple", "4", "--dry-run", "--megatron-only-shapes")
     out = capsys.readouterr().out
@@ -280,6 +327,8 @@ def test_cli_megatron_only_shapes_adds_an_hf_column(ckpt, capsys):
     (["--dry-run", "--hidden-size-remain", "32"], "--dry-run goes with --target-params"),
     (["--target-params", "1000", "--dry-run"], r"tp2: no shape within 80-100% of 1,000 params at TP 2.*closest: "),
     (["--target-params", "lots", "--dry-run"], "expected a parameter count"),
+    (["--hidden-size-remain", "32", "--limits-of", "x", "--check-only"], "--limits-of measures the drop limits"),
+    (["--target-params", "60%", "--limits-of", "/nonexistent", "--dry-run"], "--limits-of /nonexistent: no such"),
 ])
 def test_cli_budget_errors_are_one_line(ckpt, capsys, argv, message):
     rc = _prune(ckpt, *argv)

@@ -37,7 +37,8 @@ def test_defaults_and_derived_values():
     (dict(train_tokens=100), r"not both \(--train-iters 10, --train-tokens 100\)"),
     (dict(min_lr=1.0, lr=0.1), r"--min-lr 1.0, --lr 0.1"),
     (dict(lr_decay_style="step"), "not one of cosine, linear, constant"),
-    (dict(lr_warmup_iters=11), r"--lr-warmup-iters 11 exceeds the decay iterations 10"),
+    (dict(lr_warmup_iters=11), r"--lr-warmup-iters 11 must be fewer than the decay iterations 10"),
+    (dict(lr_warmup_iters=10), r"--lr-warmup-iters 10 must be fewer than the decay iterations 10"),  # asserts in mcore
     (dict(precision="fp8"), "not one of bf16, fp16, fp32"),
     (dict(kd_alpha=1.5), "--kd-alpha 1.5"),
     (dict(micro_batch_size=0), "--micro-batch-size must be a positive integer"),
