@@ -14,8 +14,8 @@ Training: the demo's distillation recipe (megatron_prune/demo/stages.py: KD alph
 cosine to 5e-5, fp32, seed 1234, global batch 8 x 128 tokens, micro-batch 4); each round warms up for a tenth of
 its iterations (at least 1; none in a one-iteration round). SmolLM2 comes from the demo's cache (fetched when
 absent, as `make demo` does). Calibration and training: the shipped
-train.jsonl; every model is evaluated on the first --eval-tokens of heldout.jsonl in windows of 512 tokens, as the
-demo does (never calibrated or trained on).
+train.jsonl; every model is evaluated on the first --eval-tokens of heldout.jsonl in sequences of the training
+length, 128 (never calibrated or trained on; the demo evaluates in windows of 512, so its perplexities are lower).
 "pruned" is the model right after the last round's prune (for K > 1 it has had K - 1 rounds of training).
 (b) The --steps 1 run's stage commands (OUT/stages/*/stage.json "commands", the exact CLI argument lists) run again
 by hand in a fresh directory (paths rewritten to it), one after the other, each as a user types it (`python -m
@@ -49,7 +49,6 @@ CACHE = Path.home() / ".cache" / "megatron_prune"
 SECTION = "compress-bench"
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}   # compress's own default (compress/job.py THREADS)
 SEQ, GBS, MICRO, NPROC = 128, 8, 4, 2
-EVAL_SEQ = 512   # held-out windows, as the demo evaluates (megatron_prune/demo/recipe.py)
 
 
 def log_step(msg: str) -> None:
@@ -87,7 +86,6 @@ def compress_args(args, hf: Path, out: Path, steps: int) -> list[str]:
             "--eval-data", str(SAMPLES / "heldout.jsonl"), "--eval-max-tokens", str(args.eval_tokens),
             "--train-iters", str(args.iters), "--seq-length", str(SEQ), "--global-batch-size", str(GBS),
             "--micro-batch-size", str(MICRO), "--train-args", shlex.join(train_args(args.iters // steps)),
-            "--eval-args", f"--seq-length {EVAL_SEQ}",
             *(["--prune-args", args.prune_args] if args.prune_args else [])]
 
 
@@ -201,7 +199,7 @@ def render(args, runs: dict[int, dict], by_hand: dict | None) -> str:
         f"jobs). SmolLM2-135M-Instruct ({orig['params']:,} parameters, held-out perplexity {orig['perplexity']:.2f}) "
         f"to 50% by `compress --target-params 50% --tp 3 --train-tp 1 --nproc 2 --steps K`: {args.iters} training "
         f"iterations in all ({tokens:,} tokens of the shipped train.jsonl, the same stream for every K), the demo's "
-        f"distillation recipe; perplexity on {orig['tokens']:,} tokens of heldout.jsonl (windows of {EVAL_SEQ}). "
+        f"distillation recipe; perplexity on {orig['tokens']:,} tokens of heldout.jsonl (sequences of {SEQ}, the training length). "
         "Round k prunes to P0 x 0.5^(k/K) parameters; 'pruned': right after the last prune (for K > 1 after K - 1 "
         "rounds of training). Wall: the whole job, one uninterrupted run.",
         "",
