@@ -64,7 +64,9 @@ def _finish(records: list[dict], out: Path, env: dict[str, str] | None) -> dict:
     report = build_report(records, out)
     png = out / "loss.png"
     try:
-        run_command(cli_command(["plot", *metrics_files(records), "--out", str(png), "--title", "recovery"]), env)
+        labels = [r["name"] for r in records if r["kind"] == "train"]  # "05-train", or one per round
+        run_command(cli_command(["plot", *metrics_files(records), "--labels", *labels, "--out", str(png), "--title",
+                                 "recovery training"]), env)
         report["loss_png"] = str(png)
     except StageError as e:  # no matplotlib: the report without the picture
         print(f"warning: no loss.png: {str(e).splitlines()[-1]}", file=sys.stderr)
