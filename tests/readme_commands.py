@@ -124,6 +124,8 @@ def flags_in(args: list[str]) -> list[str]:
     out = []
     for a in args:
         a = a.strip("[]")
+        if " " in a:  # a quoted value such as compress's --train-args "--lr 5e-4 ...", not a flag
+            continue
         if a.startswith("--") and len(a) > 2:
             out.append(a.split("=", 1)[0])
     return out

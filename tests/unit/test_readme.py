@@ -67,3 +67,12 @@ def test_markers_tell_commands_from_prose():
 ])
 def test_a_wrong_command_is_named(text, problem):
     assert any(problem in p for p in problems(Command(text, 1, False))), problems(Command(text, 1, False))
+
+
+def test_a_quoted_pass_through_value_is_not_a_flag():
+    """compress --train-args "--lr 5e-4": the quoted words are train's options, not compress's flags; a
+    misspelt flag beside them is still named."""
+    ok = 'python -m megatron_prune compress --save x --train-args "--lr 5e-4 --fp32"'
+    assert not problems(Command(ok, 1, False))
+    bad = 'python -m megatron_prune compress --sav x --train-args "--lr 5e-4"'
+    assert any("has no flag --sav" in p for p in problems(Command(bad, 1, False)))
